@@ -1,0 +1,1 @@
+"""Serving engines: ``local`` (transformers on CPU) and ``sglang`` (HTTP to an SGLang server)."""
