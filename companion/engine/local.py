@@ -1,0 +1,381 @@
+"""Local serving engine: a Hugging Face Llama-family model decoded on the CPU.
+
+Contract
+- ``generate(messages, params, on_token, cancel)`` applies the chat template,
+  decodes with a KV cache, calls ``on_token(text_piece)`` as text is produced,
+  stops on eos, ``max_new_tokens`` or ``cancel.set()``, and returns a :class:`Reply`
+  holding the text, the exact sampled token ids, their log-probs, the prompt token
+  ids and the policy version that produced it.
+- Log-probs are ``log p(a_t | s, a_<t)`` under the serving policy at temperature 1
+  (the distribution the trainer recomputes), whatever temperature sampled them.
+- ``generate_greedy_batch`` decodes several prompts at once with left padding and
+  explicit position ids; its replies equal one-by-one greedy replies (tested).
+- ``apply_delta`` installs a new policy version by copying into the parameters that
+  already exist (no reallocation, no model reload). It takes the same lock as
+  generation, so a generation in flight finishes on the version it started with and
+  the new version serves from the next generation on. A refused delta (stale
+  version, wrong base version, wrong base model, bad checksum, unknown tensor)
+  raises :class:`backend.delta.DeltaError` and the current version keeps serving.
+
+Why a hand-written decode loop instead of ``model.generate``: we need the exact
+sampled ids with their log-probs, cancellation between tokens, and bf16 speed; the
+loop calls the model's own forward, so the model code stays the library's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from backend.delta import Delta, DeltaError, unpack
+from companion.models import model_fingerprint
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class GenParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.9
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass
+class Reply:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    prompt_ids: list[int]
+    version: int
+    finish_reason: str  # 'eos' | 'length' | 'cancelled'
+    messages: list[dict] = field(default_factory=list)
+    ttft_s: float = 0.0  # prompt in -> first token out
+    decode_s: float = 0.0  # time spent after the first token
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = len(self.token_ids) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+class _TextStreamer:
+    """Turns a growing list of token ids into new text pieces.
+
+    Decodes the whole reply each step (replies are short) and holds back a trailing
+    U+FFFD so a multi-byte character split across tokens is emitted whole.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.emitted = ""
+
+    def push(self, ids: list[int]) -> str:
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return piece
+
+
+class ReplyStream:
+    """Iterator over text pieces of one generation; ``.result`` holds the Reply after it ends."""
+
+    def __init__(self, engine: "LocalEngine", messages: list[dict], params: GenParams) -> None:
+        self.cancel_event = threading.Event()
+        self.result: Reply | None = None
+        self._engine, self._messages, self._params = engine, messages, params
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def __iter__(self) -> Iterator[str]:
+        pieces: list[str] = []
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.result = self._engine.generate(
+                    self._messages, self._params, on_token=pieces.append, cancel=self.cancel_event
+                )
+            finally:
+                done.set()
+
+        # Generation runs in a worker so the consumer can stop iterating early and cancel.
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        sent = 0
+        while not done.is_set() or sent < len(pieces):
+            if sent < len(pieces):
+                sent += 1
+                yield pieces[sent - 1]
+            else:
+                done.wait(0.005)
+        worker.join()
+
+
+class LocalEngine:
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: str = "bf16",
+        threads: int = 0,
+        fingerprint: str | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.model_path = Path(model_path)
+        self.dtype = DTYPES[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=self.dtype)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.fingerprint = fingerprint or model_fingerprint(self.model_path)
+        self.version = 0
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self._lock = threading.Lock()
+        # fp32 copies of base weights touched by LoRA deltas: W = base + scale * B @ A is
+        # recomputed from these so rounding never accumulates across versions.
+        self._lora_base: dict[str, torch.Tensor] = {}
+        self._params = dict(self.model.named_parameters())
+        self.delta_history: list[dict] = []
+
+    # ------------------------------------------------------------------ prompts
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        for src in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src:
+                ids.update(src)
+        return sorted(ids)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "input_ids"):
+            out = out["input_ids"]
+        return list(out)
+
+    # ------------------------------------------------------------------ decoding
+    @staticmethod
+    def _choose(logits: torch.Tensor, params: GenParams, gen: torch.Generator | None) -> torch.Tensor:
+        """logits [B, V] float32 -> token ids [B]."""
+        if params.temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / params.temperature, -1)
+        if params.top_p < 1:
+            sorted_p, idx = probs.sort(-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < params.top_p  # always keeps the top token
+            sorted_p = sorted_p * keep
+            choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=gen)
+            return idx.gather(-1, choice).squeeze(-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        messages: list[dict],
+        params: GenParams | None = None,
+        on_token: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Reply:
+        from transformers import DynamicCache
+
+        params = params or GenParams()
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator().manual_seed(params.seed)
+        prompt = self.prompt_ids(messages)
+        with self._lock:
+            version = self.version
+            t0 = time.perf_counter()
+            cache = DynamicCache()
+            ids = torch.tensor([prompt])  # [1, P]
+            out_ids: list[int] = []
+            logps: list[float] = []
+            streamer = _TextStreamer(self.tokenizer)
+            finish = "length"
+            t_first = None
+            for _ in range(params.max_new_tokens):
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"
+                    break
+                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1, :].float()  # [1, V]
+                tok = self._choose(logits, params, gen)  # [1]
+                logp = torch.log_softmax(logits, -1)[0, tok[0]].item()
+                t = int(tok[0])
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if t in self.eos_ids:
+                    finish = "eos"
+                    break
+                out_ids.append(t)
+                logps.append(logp)
+                piece = streamer.push(out_ids)
+                if piece and on_token is not None:
+                    on_token(piece)
+                ids = tok.view(1, 1)
+            t_end = time.perf_counter()
+        text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        if on_token is not None and len(text) > len(streamer.emitted) and text.startswith(streamer.emitted):
+            on_token(text[len(streamer.emitted) :])
+        t_first = t_first or t_end
+        return Reply(
+            text=text,
+            token_ids=out_ids,
+            logprobs=logps,
+            prompt_ids=prompt,
+            version=version,
+            finish_reason=finish,
+            messages=[dict(m) for m in messages],
+            ttft_s=t_first - t0,
+            decode_s=t_end - t_first,
+        )
+
+    def stream(self, messages: list[dict], params: GenParams | None = None) -> ReplyStream:
+        """``for piece in (s := engine.stream(msgs)): ...`` then ``s.result``; ``s.cancel()`` stops it."""
+        return ReplyStream(self, messages, params or GenParams())
+
+    @torch.inference_mode()
+    def generate_greedy_batch(self, batch: list[list[dict]], max_new_tokens: int = 256) -> list[Reply]:
+        """Greedy replies for several prompts at once (left padding, explicit positions)."""
+        from transformers import DynamicCache
+
+        if not batch:
+            return []
+        prompts = [self.prompt_ids(m) for m in batch]
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)  # [B, P]
+        mask = torch.zeros((n, width), dtype=torch.long)  # [B, P] 1 = real token
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        with self._lock:
+            version = self.version
+            t0 = time.perf_counter()
+            cache = DynamicCache()
+            outs: list[list[int]] = [[] for _ in range(n)]
+            logps: list[list[float]] = [[] for _ in range(n)]
+            done = [False] * n
+            finish = ["length"] * n
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+            for _ in range(max_new_tokens):
+                out = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                )
+                logits = out.logits[:, -1, :].float()  # [B, V]
+                toks = logits.argmax(-1)  # [B]
+                lp = torch.log_softmax(logits, -1).gather(-1, toks[:, None])[:, 0]
+                for i in range(n):
+                    if done[i]:
+                        continue
+                    t = int(toks[i])
+                    if t in self.eos_ids:
+                        done[i], finish[i] = True, "eos"
+                    else:
+                        outs[i].append(t)
+                        logps[i].append(float(lp[i]))
+                if all(done):
+                    break
+                toks = torch.where(torch.tensor(done), torch.full_like(toks, self.pad_id), toks)
+                ids = toks[:, None]  # [B, 1]
+                positions = positions[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+            elapsed = time.perf_counter() - t0
+        return [
+            Reply(
+                text=self.tokenizer.decode(o, skip_special_tokens=True), token_ids=o, logprobs=lp_,
+                prompt_ids=p, version=version, finish_reason=f, messages=[dict(x) for x in m],
+                ttft_s=0.0, decode_s=elapsed,
+            )
+            for o, lp_, p, f, m in zip(outs, logps, prompts, finish, batch)
+        ]
+
+    # ------------------------------------------------------------------ weights
+    def apply_delta(self, delta: Delta | tuple[dict, bytes]) -> int:
+        """Install a new policy version between generations; returns the version now serving.
+
+        Accepts a :class:`Delta` or the ``(header, payload)`` pair from the wire, whose
+        sha256 is verified first. Raises DeltaError (current version keeps serving).
+        """
+        if isinstance(delta, tuple):
+            delta = unpack(*delta)
+        base_fp = delta.meta.get("base_fingerprint")
+        if base_fp and base_fp != self.fingerprint:
+            raise DeltaError(f"delta v{delta.version} is for base model {base_fp}, this engine serves {self.fingerprint}")
+        with self._lock:
+            if delta.version <= self.version:
+                raise DeltaError(f"delta v{delta.version} is not newer than the serving version {self.version}")
+            if not delta.absolute and delta.base_version != self.version:
+                raise DeltaError(
+                    f"delta v{delta.version} applies on v{delta.base_version}, but v{self.version} is serving"
+                )
+            t0 = time.perf_counter()
+            if delta.format == "lora":
+                self._apply_lora(delta)
+            else:
+                self._apply_full(delta)
+            self.version = delta.version
+            self.delta_history.append(
+                {"version": delta.version, "format": delta.format, "apply_ms": (time.perf_counter() - t0) * 1e3}
+            )
+            return self.version
+
+    @torch.no_grad()
+    def _apply_lora(self, delta: Delta) -> None:
+        pairs = delta.lora_pairs()
+        scale = delta.lora_scaling
+        targets = {}
+        for module, (a, b) in pairs.items():  # a [r, in], b [out, r]
+            w = self._params.get(f"{module}.weight")
+            if w is None:
+                raise DeltaError(f"LoRA delta targets {module}, which this model does not have")
+            if (b.shape[0], a.shape[1]) != tuple(w.shape):
+                raise DeltaError(f"LoRA factors for {module} do not fit its weight {tuple(w.shape)}")
+            targets[module] = (w, a, b)
+        # Validated everything before touching a weight: a refused delta changes nothing.
+        for module, (w, a, b) in targets.items():
+            base = self._lora_base.get(module)
+            if base is None:
+                base = self._lora_base[module] = w.detach().float().clone()
+            w.copy_(torch.addmm(base, b.float(), a.float(), alpha=scale))  # [out, in]
+        for module, base in self._lora_base.items():  # modules the new adapter no longer targets
+            if module not in targets:
+                self._params[f"{module}.weight"].copy_(base)
+
+    @torch.no_grad()
+    def _apply_full(self, delta: Delta) -> None:
+        for name, t in delta.tensors.items():
+            p = self._params.get(name)
+            if p is None:
+                if name == "lm_head.weight" and "model.embed_tokens.weight" in self._params:
+                    continue  # tied embeddings: the embedding copy covers it
+                raise DeltaError(f"full delta has tensor {name}, which this model does not have")
+            if tuple(p.shape) != tuple(t.shape):
+                raise DeltaError(f"full delta tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        for name, t in delta.tensors.items():
+            p = self._params.get(name)
+            if p is not None:
+                p.copy_(t)
+                module = name[: -len(".weight")] if name.endswith(".weight") else None
+                if module in self._lora_base:  # a full update redefines the base
+                    self._lora_base[module] = t.detach().float().clone()

@@ -1,0 +1,169 @@
+"""The local serving engine: streaming, log-probs, cancel, batching, weight deltas."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from backend.delta import Delta, DeltaError, pack, save_peft_adapter
+from companion.engine.local import GenParams, LocalEngine
+
+MSGS = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Tell me about owls."}]
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture()
+def engine(tiny_model_dir):
+    return LocalEngine(tiny_model_dir, dtype="fp32")
+
+
+def random_lora(engine: LocalEngine, version: int, r: int = 4, alpha: float = 8.0, seed: int = 0, scale: float = 0.05) -> Delta:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, p in engine.model.named_parameters():
+        mod = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and mod.rsplit(".", 1)[-1] in LINEAR:
+            out_f, in_f = p.shape
+            tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.randn(r, in_f, generator=g) * scale
+            tensors[f"base_model.model.{mod}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * scale
+    meta = {"lora_r": r, "lora_alpha": alpha, "base_fingerprint": engine.fingerprint}
+    return Delta(version, version - 1, "lora", tensors, meta)
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits.float()
+
+
+def test_stream_pieces_make_the_reply_and_logprobs_match_a_forward_pass(engine):
+    pieces = []
+    reply = engine.generate(MSGS, GenParams(max_new_tokens=12, temperature=0), on_token=pieces.append)
+    assert "".join(pieces) == reply.text
+    assert len(reply.token_ids) == len(reply.logprobs) == 12 and reply.finish_reason == "length"
+    assert reply.prompt_ids == engine.prompt_ids(MSGS) and reply.version == 0
+    # teacher-forced recomputation of the same tokens gives the same log-probs
+    full = reply.prompt_ids + reply.token_ids
+    logp = torch.log_softmax(logits_of(engine.model, full)[0, len(reply.prompt_ids) - 1 : -1], -1)
+    expected = logp.gather(-1, torch.tensor(reply.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(reply.logprobs), expected, atol=1e-4)
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible(engine):
+    g1 = engine.generate(MSGS, GenParams(max_new_tokens=8, temperature=0))
+    g2 = engine.generate(MSGS, GenParams(max_new_tokens=8, temperature=0))
+    assert g1.token_ids == g2.token_ids
+    s1 = engine.generate(MSGS, GenParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7))
+    s2 = engine.generate(MSGS, GenParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=7))
+    s3 = engine.generate(MSGS, GenParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=8))
+    assert s1.token_ids == s2.token_ids != s3.token_ids
+    # a tiny nucleus keeps only the top token: sampling becomes greedy
+    t = engine.generate(MSGS, GenParams(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3))
+    assert t.token_ids == g1.token_ids
+
+
+def test_cancel_stops_mid_stream(engine):
+    stream = engine.stream(MSGS, GenParams(max_new_tokens=200, temperature=0))
+    got = []
+    for piece in stream:
+        got.append(piece)
+        if len(got) == 3:
+            stream.cancel()
+    assert stream.result.finish_reason == "cancelled"
+    assert 3 <= len(stream.result.token_ids) < 200
+
+
+def test_batched_greedy_equals_one_by_one(engine):
+    prompts = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "Explain photosynthesis in detail please, for a school report."}],
+        MSGS,
+    ]
+    batch = engine.generate_greedy_batch(prompts, max_new_tokens=10)
+    for msgs, b in zip(prompts, batch):
+        single = engine.generate(msgs, GenParams(max_new_tokens=10, temperature=0))
+        assert b.token_ids == single.token_ids
+        assert b.prompt_ids == single.prompt_ids
+
+
+def test_lora_delta_matches_peft_and_bumps_version(engine, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    delta = random_lora(engine, version=1)
+    ids = engine.prompt_ids(MSGS)
+    before = logits_of(engine.model, ids)
+    assert engine.apply_delta(pack(delta)) == 1  # the (header, payload) wire form, checksum verified
+    after = logits_of(engine.model, ids)
+    assert not torch.allclose(before, after, atol=1e-3)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(save_peft_adapter(delta, tmp_path / "adapter"))).eval()
+    assert torch.allclose(after, logits_of(peft_model, ids), atol=1e-4)
+    # a later version replaces the adapter instead of stacking on it
+    engine.apply_delta(random_lora(engine, version=2, seed=1))
+    engine.apply_delta(random_lora(engine, version=3, seed=0))
+    assert torch.allclose(logits_of(engine.model, ids), after, atol=1e-5)
+
+
+def test_bad_deltas_are_refused_and_the_old_version_keeps_serving(engine):
+    ids = engine.prompt_ids(MSGS)
+    engine.apply_delta(random_lora(engine, version=1))
+    good = logits_of(engine.model, ids)
+    header, payload = pack(random_lora(engine, version=2, seed=5))
+    tampered = payload[:-8] + bytes(8)
+    with pytest.raises(DeltaError, match="checksum"):
+        engine.apply_delta((header, tampered))
+    with pytest.raises(DeltaError, match="not newer"):
+        engine.apply_delta(random_lora(engine, version=1, seed=5))
+    wrong_base = random_lora(engine, version=2, seed=5)
+    wrong_base.meta["base_fingerprint"] = "someothermodel"
+    with pytest.raises(DeltaError, match="base model"):
+        engine.apply_delta(wrong_base)
+    incremental = Delta(5, 4, "full", {"model.norm.weight": torch.zeros(64)}, {})
+    with pytest.raises(DeltaError, match="applies on v4"):
+        engine.apply_delta(incremental)
+    bad_shape = Delta(2, 1, "full", {"model.norm.weight": torch.zeros(3)}, {})
+    with pytest.raises(DeltaError, match="shape"):
+        engine.apply_delta(bad_shape)
+    assert engine.version == 1
+    assert torch.equal(logits_of(engine.model, ids), good)
+
+
+def test_full_delta_replaces_tensors(engine):
+    norm = engine.model.model.norm.weight
+    new = torch.full_like(norm, 0.5)
+    engine.apply_delta(Delta(1, 0, "full", {"model.norm.weight": new}, {}))
+    assert engine.version == 1 and torch.equal(engine.model.model.norm.weight, new)
+    assert engine.model.model.norm.weight.data_ptr() == norm.data_ptr()  # copied in place, not reallocated
+
+
+def test_generation_in_flight_finishes_on_its_version(engine):
+    started = threading.Event()
+    result = {}
+
+    def slow(piece):
+        started.set()
+        time.sleep(0.01)
+
+    t = threading.Thread(target=lambda: result.setdefault(
+        "r", engine.generate(MSGS, GenParams(max_new_tokens=40, temperature=0), on_token=slow)))
+    t.start()
+    started.wait(10)
+    engine.apply_delta(random_lora(engine, version=1))  # waits for the generation to end
+    t.join()
+    assert result["r"].version == 0 and len(result["r"].token_ids) == 40
+    assert engine.version == 1
+    assert engine.generate(MSGS, GenParams(max_new_tokens=2, temperature=0)).version == 1
+
+
+@pytest.mark.real_model
+def test_real_model_streams_a_sensible_answer(real_model_dir):
+    eng = LocalEngine(real_model_dir, dtype="bf16")
+    pieces = []
+    reply = eng.generate([{"role": "user", "content": "What is the capital of France?"}],
+                         GenParams(max_new_tokens=24, temperature=0), on_token=pieces.append)
+    assert "Paris" in reply.text
+    assert len(pieces) > 1 and "".join(pieces) == reply.text
+    assert reply.finish_reason in ("eos", "length") and all(lp <= 0 for lp in reply.logprobs)
