@@ -1,0 +1,112 @@
+"""Training samples: a judged turn -> token ids, reply mask inputs, reward and OPD teacher prompt.
+
+Contract:
+- :func:`build_sample` turns one turn dict (wire format in DESIGN.md / the team's
+  interface: ``prompt_ids``, ``token_ids``, ``logprobs``, ``messages``,
+  ``policy_version`` ...) plus the judge's reward and hint into a :class:`Sample`,
+  or returns None when the turn carries no signal (reward 0 and no hint) or has
+  an empty reply.
+- The reply tokens are the *exact sampled ids* from serving, never a
+  re-tokenisation of the reply text (re-tokenising shifts log-probs).
+- The OPD teacher prompt is the same prompt with the hint appended to the last
+  user message (``cfg.hint_template``), rendered with the tokenizer's chat
+  template and the generation prompt; the teacher scores the same reply ids.
+- Over-long prompts keep their *last* ``max_prompt_tokens`` ids; over-long
+  replies keep their first ``max_response_tokens`` (log-probs cut alike).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from companion.errors import UserError
+
+HINT_TEMPLATE = "\n\n[user's hint / instruction]\n{hint}"
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class SampleConfig:
+    max_prompt_tokens: int = _help("Longest prompt kept (oldest tokens dropped first).", default=1536)
+    max_response_tokens: int = _help("Longest reply trained on (tail dropped).", default=512)
+    hint_template: str = _help("How a hint is appended to the last user message for the OPD teacher.", default=HINT_TEMPLATE)
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:
+            raise UserError("max_prompt_tokens and max_response_tokens must be at least 1.")
+        if "{hint}" not in self.hint_template:
+            raise UserError("hint_template must contain {hint}.")
+
+
+@dataclass
+class Sample:
+    turn_id: str
+    user: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float] | None
+    reward: int
+    hint: str | None
+    teacher_prompt_ids: list[int] | None
+    policy_version: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sample":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+def hinted_messages(messages: list[dict], hint: str, template: str = HINT_TEMPLATE) -> list[dict]:
+    """A copy of ``messages`` with the hint appended to the last user message."""
+    out = copy.deepcopy(list(messages))
+    for m in reversed(out):
+        if m.get("role") == "user":
+            m["content"] = str(m.get("content", "")) + template.format(hint=hint)
+            return out
+    raise ValueError("no user message to attach the hint to")
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(enc["input_ids"])
+
+
+def build_sample(turn: dict, reward: int, hint: str | None, tokenizer, cfg: SampleConfig | None = None):
+    """One judged turn -> :class:`Sample`, or None when it has no training signal."""
+    cfg = cfg if isinstance(cfg, SampleConfig) else SampleConfig()
+    if reward not in (-1, 0, 1):
+        raise ValueError(f"reward must be -1, 0 or 1, not {reward!r}")
+    hint = hint.strip() if isinstance(hint, str) and hint.strip() else None
+    if reward == 0 and hint is None:
+        return None
+    response = [int(t) for t in (turn.get("token_ids") or [])][: cfg.max_response_tokens]
+    if not response:
+        return None
+    prompt = turn.get("prompt_ids")
+    prompt = [int(t) for t in prompt] if prompt else chat_ids(tokenizer, turn["messages"])
+    prompt = prompt[-cfg.max_prompt_tokens :]
+    lps = turn.get("logprobs")
+    lps = [float(x) for x in lps][: len(response)] if lps else None
+    if lps is not None and len(lps) != len(response):
+        lps = None  # a mismatched record cannot be compared token by token
+    teacher = None
+    if hint is not None:
+        teacher = chat_ids(tokenizer, hinted_messages(turn["messages"], hint, cfg.hint_template))
+        teacher = teacher[-cfg.max_prompt_tokens :]
+    return Sample(
+        turn_id=str(turn.get("turn_id", "")),
+        user=str(turn.get("client_id", "")),
+        prompt_ids=prompt,
+        response_ids=response,
+        rollout_logprobs=lps,
+        reward=int(reward),
+        hint=hint,
+        teacher_prompt_ids=teacher,
+        policy_version=int(turn.get("policy_version", 0)),
+    )

@@ -1,0 +1,91 @@
+"""TrainerConfig: every knob of the learning rule, with help text and validation.
+
+Defaults come from short measurements on this CPU (docs/trainer.md, "Stability"):
+LoRA r8 on all linear layers, lr 3e-4, 2 epochs per update of 4 samples,
+bf16 autocast with fp32 log-probs, reward centering with a running baseline,
+a small KL anchor to the base policy and a repetition guard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from companion.errors import UserError
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+class TrainerConfigError(UserError):
+    """An invalid trainer setting (one sentence)."""
+
+
+@dataclass
+class TrainerConfig:
+    mode: str = _help("'lora' (default: trains small adapters) or 'full' (all weights).", default="lora")
+    lora_rank: int = _help("LoRA rank r.", default=8)
+    lora_alpha: float = _help("LoRA alpha; the adapter output is scaled by alpha / r.", default=16.0)
+    lora_targets: tuple[str, ...] = _help(
+        "Megatron linears that get adapters: qkv, proj, fc1, fc2 (= HF q/k/v, o, gate/up, down).",
+        default=("qkv", "proj", "fc1", "fc2"),
+    )
+    lr: float | None = _help("AdamW learning rate; None = 3e-4 for LoRA, 1e-5 for full.", default=None)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    epochs: int = _help("Passes over each batch of samples per update (PPO epochs).", default=2)
+    minibatch_size: int = _help("Samples per optimizer step within an epoch.", default=4)
+    grad_clip: float = _help("Global gradient-norm clip (0 = off).", default=1.0)
+    eps_low: float = _help("PPO clip below: ratio >= 1 - eps_low.", default=0.2)
+    eps_high: float = _help("PPO clip above: ratio <= 1 + eps_high.", default=0.28)
+    w_rl: float = _help("Weight of the binary-RL advantage (reward term).", default=1.0)
+    w_opd: float = _help("Weight of the OPD advantage (teacher minus old log-prob).", default=1.0)
+    teacher: str = _help("OPD teacher: 'self' (current policy + hint) or 'base' (frozen base + hint).", default="self")
+    opd_topk: int = _help("0 = token-level OPD on the sampled tokens; k > 0 = top-k OPD over the teacher's k best tokens.", default=0)
+    opd_topk_clip: float = _help("Clip of the per-token log-ratio in top-k OPD.", default=2.0)
+    baseline: str = _help("Reward centering: 'ema' (running mean of rewards subtracted) or 'none'.", default="ema")
+    baseline_momentum: float = _help("EMA momentum of the reward baseline, per sample.", default=0.9)
+    kl_coef: float = _help("Weight of the KL(k3) anchor to the base policy (0 = off).", default=0.05)
+    entropy_floor: float = _help("Mean reply-token entropy (nats) below which a penalty applies (0 = off).", default=0.3)
+    entropy_coef: float = _help("Weight of the entropy-floor penalty.", default=0.1)
+    repetition_guard: bool = _help("Refuse an update whose greedy replies on probe prompts become repetitive.", default=True)
+    guard_prompts: int = _help("Probe prompts for the repetition guard (taken from the batch).", default=2)
+    guard_tokens: int = _help("Greedy tokens generated per probe prompt.", default=24)
+    guard_max_repeat: float = _help("Refuse when the repeated-3-gram fraction exceeds this and got worse.", default=0.5)
+    dtype: str = _help("Training compute: 'bf16' autocast (fp32 master weights, fp32 log-probs) or 'fp32'.", default="bf16")
+    delta_dtype: str = _help("Dtype of exported LoRA factors: 'bf16' (half size) or 'fp32' (exact).", default="bf16")
+    tp: int = _help("Tensor-parallel degree (world size under torchrun).", default=1)
+    seed: int = _help("Seed for adapter init and megatron's RNG tracker.", default=1234)
+    keep_checkpoints: int = _help("How many versions to keep on disk (the newest ones).", default=3)
+    max_tokens: int = _help("Longest prompt+reply sequence trained on (longer samples keep their tail).", default=2048)
+
+    def __post_init__(self) -> None:
+        self.lora_targets = tuple(self.lora_targets)
+        checks = [
+            (self.mode in ("lora", "full"), f"mode must be 'lora' or 'full', not {self.mode!r}."),
+            (self.lora_rank >= 1, "lora_rank must be at least 1."),
+            (self.lora_alpha > 0, "lora_alpha must be positive."),
+            (all(t in ("qkv", "proj", "fc1", "fc2", "o", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+                 for t in self.lora_targets) and self.lora_targets, "lora_targets must be among qkv, proj, fc1, fc2."),
+            (self.lr is None or self.lr > 0, "lr must be positive."),
+            (self.epochs >= 1 and self.minibatch_size >= 1, "epochs and minibatch_size must be at least 1."),
+            (0 <= self.eps_low < 1 and self.eps_high >= 0, "eps_low must be in [0, 1) and eps_high non-negative."),
+            (self.teacher in ("self", "base"), "teacher must be 'self' or 'base'."),
+            (self.opd_topk >= 0, "opd_topk must be 0 (off) or positive."),
+            (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),
+            (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),
+            (self.kl_coef >= 0 and self.entropy_coef >= 0 and self.entropy_floor >= 0, "kl_coef, entropy_coef and entropy_floor must be >= 0."),
+            (self.dtype in ("bf16", "fp32"), "dtype must be 'bf16' or 'fp32'."),
+            (self.delta_dtype in ("bf16", "fp32"), "delta_dtype must be 'bf16' or 'fp32'."),
+            (self.tp >= 1, "tp must be at least 1."),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1."),
+            (self.max_tokens >= 8, "max_tokens must be at least 8."),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TrainerConfigError(msg)
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 3e-4 if self.mode == "lora" else 1e-5

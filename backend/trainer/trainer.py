@@ -1,0 +1,473 @@
+"""The trainer: megatron-core GPTModel, binary RL + OPD under a PPO clip, LoRA or full, versioned.
+
+Contract (the team interface):
+- ``Trainer(cfg, model_path=..., checkpoint_dir=...)`` builds the policy from a HF
+  Llama-family folder and resumes from the newest checkpoint in ``checkpoint_dir``.
+  World size 1 in-process by default (gloo, private rendezvous); under torchrun
+  every rank constructs a Trainer and calls the same methods with the same samples.
+- ``update(samples)`` runs ``cfg.epochs`` PPO epochs over the batch, then, unless
+  the repetition guard refuses it, increments ``version`` and checkpoints it
+  *before* returning an :class:`UpdateReport`. A refused update restores weights
+  and optimizer state exactly and leaves ``version`` unchanged (``accepted=False``).
+- ``export_delta()`` returns the current version as a :class:`backend.delta.Delta`
+  (LoRA: absolute HF PEFT adapter; full: every weight in HF naming).
+
+Learning rule per reply token t (A = advantage, old = log-probs recomputed here
+before the update; the serving log-probs only feed ``train_serve_gap``):
+  A_t = w_rl * (r - b) * [r != 0]  +  w_opd * (log p_teacher(a_t | s + hint) - old_t) * [hint]
+with b the running reward baseline (``cfg.baseline``). Loss = PPO clip(A) +
+kl_coef * KL_k3(policy || base) + entropy_coef * relu(entropy_floor - H), token means
+over reply tokens; top-k OPD (``opd_topk > 0``) replaces the token-level OPD term.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from backend.samples import Sample
+from backend.trainer import checkpoint as ckpt
+from backend.trainer import loss as L
+from backend.trainer.config import TrainerConfig
+from backend.trainer.convert import LlamaShape, build_gpt_model, load_hf_state, load_into, to_megatron_shard
+from backend.trainer.dist import init_parallel, tp_group, tp_rank, tp_size
+from backend.trainer.lora import add_lora, lora_disabled, lora_parameters
+
+
+class UpdateReport(dict):
+    """A dict with attribute access (``report.version`` == ``report["version"]``)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def repeated_ngram_fraction(ids: list[int], n: int = 3) -> float:
+    """Share of n-grams that repeat an earlier one (0 = no repetition, ->1 = a loop)."""
+    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig | None = None, model_path: str | Path | None = None,
+                 checkpoint_dir: str | Path | None = None):
+        self.cfg = cfg = cfg or TrainerConfig()
+        if model_path is None:
+            from companion.config import load_settings
+            from companion.models import resolve_model_path
+
+            model_path = resolve_model_path(load_settings())
+        self.model_path = Path(model_path)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        init_parallel(cfg.tp, cfg.seed)
+        self.rank, self.tp = tp_rank(), tp_size()
+        self.shape = LlamaShape.from_folder(self.model_path)
+        self.model = build_gpt_model(self.shape, self.tp)
+        load_into(self.model, to_megatron_shard(load_hf_state(self.model_path), self.shape, self.rank, self.tp))
+        self._fp32_output_layer()
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_path))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_id = self.tokenizer.eos_token_id
+        self._base_state: dict[str, torch.Tensor] | None = None
+        if cfg.mode == "lora":
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            add_lora(self.model, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, self.rank, self.tp, cfg.seed)
+            self.trainable = lora_parameters(self.model)
+        else:
+            self.trainable = {n: p for n, p in self.model.named_parameters()}
+            if cfg.kl_coef > 0 or cfg.teacher == "base":
+                # A frozen copy of the base weights, swapped in for base-policy passes.
+                self._base_state = {n: p.detach().clone() for n, p in self.trainable.items()}
+        self.optimizer = torch.optim.AdamW(
+            list(self.trainable.values()), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+            weight_decay=cfg.weight_decay,
+        )
+        self.version, self.step, self.baseline, self.n_rewards = 0, 0, 0.0, 0
+        self.model.eval()  # no dropout anywhere; eval() only affects module flags
+        from companion.models import model_fingerprint
+
+        self.fingerprint = model_fingerprint(self.model_path)
+        self.resumed_from: int | None = None
+        if self.checkpoint_dir is not None:
+            self._resume()
+
+    # ---- forward passes ---------------------------------------------------------------------
+
+    def _fp32_output_layer(self) -> None:
+        """Run the vocabulary projection in fp32 even under bf16 autocast: the 49k-way
+        log-softmax is where bf16 error hurts log-probs most (docs/trainer.md)."""
+        layer = self.model.output_layer
+        orig = layer.forward
+
+        def forward(input_, *args, **kwargs):
+            with torch.autocast("cpu", enabled=False):
+                return orig(input_.float(), *args, **kwargs)
+
+        layer.forward = forward
+
+    def _autocast(self):
+        if self.cfg.dtype == "bf16":
+            return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _logits(self, ids: torch.Tensor, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """[b, s] -> vocab-parallel logits [b, s, v/tp] (fp32)."""
+        if position_ids is None:
+            position_ids = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        with self._autocast():
+            return self.model(ids, position_ids, attention_mask).float()
+
+    def _base_ctx(self):
+        """Context in which the model is the frozen base policy."""
+        if self.cfg.mode == "lora":
+            return lora_disabled(self.model)
+        trainer = self
+
+        class _Swap:
+            def __enter__(self):
+                self.saved = {n: p.detach().clone() for n, p in trainer.trainable.items()}
+                with torch.no_grad():
+                    for n, p in trainer.trainable.items():
+                        p.copy_(trainer._base_state[n])
+
+            def __exit__(self, *exc):
+                with torch.no_grad():
+                    for n, p in trainer.trainable.items():
+                        p.copy_(self.saved[n])
+
+        return _Swap()
+
+    def _collate(self, pairs: list[tuple[list[int], list[int]]]):
+        """(prompt, reply) pairs -> right-padded ids [b, L], targets [b, L-1], reply mask [b, L-1]."""
+        seqs, starts = [], []
+        for prompt, reply in pairs:
+            reply = reply[: self.cfg.max_tokens - 1]
+            prompt = prompt[-(self.cfg.max_tokens - len(reply)) :] if len(prompt) + len(reply) > self.cfg.max_tokens else prompt
+            seqs.append(prompt + reply)
+            starts.append((len(prompt) - 1, len(reply)))
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
+        for i, (s, (p0, n)) in enumerate(zip(seqs, starts)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, p0 : p0 + n] = True
+        return ids, ids[:, 1:], mask
+
+    def _reply_logits(self, pairs):
+        """Logits at reply positions only, flattened in (sample, token) order: [1, N, v/tp], targets [1, N]."""
+        ids, tgt, mask = self._collate(pairs)
+        logits = self._logits(ids)[:, :-1]  # [b, L-1, v/tp]
+        return logits[mask].unsqueeze(0), tgt[mask].unsqueeze(0)
+
+    @torch.no_grad()
+    def _score(self, pairs, topk: int = 0):
+        """Per-token log-probs of the replies [N] (and the top-k (logp, ids) [N, k] when asked)."""
+        out_lp, out_k, out_i = [], [], []
+        mb = self.cfg.minibatch_size
+        for j in range(0, len(pairs), mb):
+            logits, tgt = self._reply_logits(pairs[j : j + mb])
+            lp, _ = L.token_logp(logits, tgt)
+            out_lp.append(lp[0])
+            if topk:
+                v, i = L.topk_global(logits, topk)
+                out_k.append(v[0])
+                out_i.append(i[0])
+        lp = torch.cat(out_lp)
+        if topk:
+            return lp, torch.cat(out_k), torch.cat(out_i)
+        return lp, None, None
+
+    def score(self, samples: list[Sample]) -> list[float]:
+        """Mean log-prob of each sample's reply under the current policy (for probes and demos)."""
+        lp, _, _ = self._score([(s.prompt_ids, s.response_ids) for s in samples])
+        out, k = [], 0
+        for s in samples:
+            n = min(len(s.response_ids), self.cfg.max_tokens - 1)
+            out.append(float(lp[k : k + n].mean()))
+            k += n
+        return out
+
+    # ---- greedy probe (repetition guard) --------------------------------------------------------
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy replies, batched with left padding (no KV cache: probes are short)."""
+        rows = [list(p) for p in prompts]
+        done = [False] * len(rows)
+        out: list[list[int]] = [[] for _ in rows]
+        for _ in range(max_new_tokens):
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            pad = torch.zeros((len(rows), width), dtype=torch.bool)
+            for i, r in enumerate(rows):
+                ids[i, width - len(r) :] = torch.tensor(r)
+                pad[i, : width - len(r)] = True
+            pos = (~pad).long().cumsum(-1).sub(1).clamp(min=0)
+            causal = torch.triu(torch.ones(width, width, dtype=torch.bool), 1)
+            attn = (causal.unsqueeze(0) | pad.unsqueeze(1)).unsqueeze(1)  # [b, 1, s, s] True = masked
+            logits = self._logits(ids, attn, pos)[:, -1:]
+            _, nxt = L.topk_global(logits, 1)  # [b, 1, 1]
+            for i in range(len(rows)):
+                if done[i]:
+                    continue
+                t = int(nxt[i, 0, 0])
+                if t == self.eos_id:
+                    done[i] = True
+                    continue
+                rows[i].append(t)
+                out[i].append(t)
+            if all(done):
+                break
+        return out
+
+    def _repetition(self, prompts) -> float:
+        replies = self.greedy(prompts, self.cfg.guard_tokens)
+        return sum(repeated_ngram_fraction(r) for r in replies) / max(1, len(replies))
+
+    # ---- the update -----------------------------------------------------------------------------
+
+    def _clip_grads(self) -> float:
+        """Global grad norm over TP (sharded grads summed across ranks, replicated counted once)."""
+        import torch.distributed as dist
+
+        sharded = torch.zeros(())
+        replicated = torch.zeros(())
+        for p in self.trainable.values():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().float().pow(2).sum()
+            if getattr(p, "tensor_model_parallel", False):
+                sharded += sq
+            else:
+                replicated += sq
+        if self.tp > 1:
+            dist.all_reduce(sharded, group=tp_group())
+        norm = float((sharded + replicated).sqrt())
+        if self.cfg.grad_clip > 0 and norm > self.cfg.grad_clip:
+            scale = self.cfg.grad_clip / (norm + 1e-6)
+            for p in self.trainable.values():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        return norm
+
+    def _advantages(self, samples, old_lp, teacher_lp):
+        """Per-token advantages [N] and the RL / OPD parts' means."""
+        cfg = self.cfg
+        adv, rl_parts, opd_parts, k = [], [], [], 0
+        b = self.baseline if cfg.baseline == "ema" else 0.0
+        for s in samples:
+            n = min(len(s.response_ids), cfg.max_tokens - 1)
+            a = torch.zeros(n)
+            if s.reward != 0 and cfg.w_rl:
+                a += cfg.w_rl * (s.reward - b)
+                rl_parts.append(s.reward - b)
+            if s.teacher_prompt_ids is not None and cfg.w_opd and teacher_lp is not None and not cfg.opd_topk:
+                term = teacher_lp[k : k + n] - old_lp[k : k + n]
+                a += cfg.w_opd * term
+                opd_parts.append(float(term.mean()))
+            adv.append(a)
+            k += n
+        mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
+        return torch.cat(adv), mean(rl_parts), mean(opd_parts)
+
+    def _update_baseline(self, samples) -> None:
+        m = self.cfg.baseline_momentum
+        for s in samples:
+            if s.reward != 0:
+                self.baseline = m * self.baseline + (1 - m) * s.reward
+                self.n_rewards += 1
+
+    def update(self, samples: list[Sample]) -> UpdateReport:
+        """One policy update over ``samples``; checkpoints the new version before returning."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        samples = [s for s in samples if s is not None and s.response_ids]
+        if not samples:
+            return UpdateReport(version=self.version, accepted=False, reason="no samples", n_samples=0,
+                                n_tokens=0, loss=0.0, seconds=0.0, train_serve_gap=None)
+        pairs = [(s.prompt_ids, s.response_ids) for s in samples]
+        hinted = [i for i, s in enumerate(samples) if s.teacher_prompt_ids is not None]
+        use_opd = bool(hinted) and cfg.w_opd > 0
+        # --- fixed quantities for this update: old / teacher / base log-probs
+        old_lp, old_k, _ = self._score(pairs)
+        lens = [min(len(s.response_ids), cfg.max_tokens - 1) for s in samples]
+        offs = [sum(lens[:i]) for i in range(len(lens))]
+        n_tok = sum(lens)
+        teacher_lp = None
+        topk_data = None
+        if use_opd:
+            tpairs = [(samples[i].teacher_prompt_ids, samples[i].response_ids) for i in hinted]
+            with (self._base_ctx() if cfg.teacher == "base" else nullcontext()):
+                t_lp, t_k, t_i = self._score(tpairs, topk=cfg.opd_topk)
+            teacher_lp = old_lp.clone()  # unhinted tokens: teacher == old, OPD term 0
+            if cfg.opd_topk:
+                k = cfg.opd_topk
+                tk = torch.zeros(n_tok, k)
+                ti = torch.zeros(n_tok, k, dtype=torch.long)
+                opd_mask = torch.zeros(n_tok, dtype=torch.bool)
+            j = 0
+            for i in hinted:
+                sl = slice(offs[i], offs[i] + lens[i])
+                teacher_lp[sl] = t_lp[j : j + lens[i]]
+                if cfg.opd_topk:
+                    tk[sl], ti[sl], opd_mask[sl] = t_k[j : j + lens[i]], t_i[j : j + lens[i]], True
+                j += lens[i]
+            if cfg.opd_topk:
+                # the old policy's log-probs of the teacher's top-k tokens
+                with torch.no_grad():
+                    old_topk = torch.zeros(n_tok, cfg.opd_topk)
+                    mb = cfg.minibatch_size
+                    for a in range(0, len(samples), mb):
+                        logits, _ = self._reply_logits(pairs[a : a + mb])
+                        s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
+                        logz = L.log_normalizer(logits)
+                        old_topk[s0:s1] = L.gather_logp(logits, logz, ti[s0:s1].unsqueeze(0))[0]
+                topk_data = (tk, ti, old_topk, opd_mask)
+        base_lp = None
+        if cfg.kl_coef > 0:
+            with self._base_ctx():
+                base_lp, _, _ = self._score(pairs)
+        adv, rl_mean, opd_mean = self._advantages(samples, old_lp, teacher_lp)
+        gap_parts = [
+            (old_lp[offs[i] : offs[i] + lens[i]] - torch.tensor(s.rollout_logprobs[: lens[i]])).abs()
+            for i, s in enumerate(samples) if s.rollout_logprobs and len(s.rollout_logprobs) >= lens[i]
+        ]
+        gap = float(torch.cat(gap_parts).mean()) if gap_parts else None
+        # --- repetition guard reference and snapshot for an exact rollback
+        guard_prompts = [s.prompt_ids for s in samples[: cfg.guard_prompts]] if cfg.repetition_guard else []
+        rep_before = self._repetition(guard_prompts) if guard_prompts else None
+        snapshot = None
+        if guard_prompts:
+            snapshot = ({n: p.detach().clone() for n, p in self.trainable.items()},
+                        copy.deepcopy(self.optimizer.state_dict()))
+        # --- PPO epochs
+        losses, clipfracs, kls, ents, norms = [], [], [], [], []
+        mb = cfg.minibatch_size
+        for _epoch in range(cfg.epochs):
+            for a in range(0, len(samples), mb):
+                s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
+                logits, tgt = self._reply_logits(pairs[a : a + mb])
+                need_ent = cfg.entropy_floor > 0 and cfg.entropy_coef > 0
+                lp, ent = L.token_logp(logits, tgt, with_entropy=True)
+                lp, ent = lp[0], ent[0]  # [n]
+                mask = torch.ones_like(lp)
+                loss, cf = L.ppo_loss(lp, old_lp[s0:s1], adv[s0:s1], mask, cfg.eps_low, cfg.eps_high)
+                if topk_data is not None:
+                    tk, ti, old_topk, opd_mask = topk_data
+                    logz = L.log_normalizer(logits)
+                    loss = loss + cfg.w_opd * L.topk_opd_loss(
+                        logits, logz, old_topk[s0:s1].unsqueeze(0), tk[s0:s1].unsqueeze(0),
+                        ti[s0:s1].unsqueeze(0), opd_mask[s0:s1].unsqueeze(0).float(),
+                        cfg.opd_topk_clip, cfg.eps_low, cfg.eps_high)
+                if base_lp is not None:
+                    kl = L.kl_k3(lp, base_lp[s0:s1], mask)
+                    loss = loss + cfg.kl_coef * kl
+                    kls.append(float(kl))
+                mean_ent = ent.mean()
+                if need_ent:
+                    loss = loss + cfg.entropy_coef * torch.relu(cfg.entropy_floor - mean_ent)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norms.append(self._clip_grads())
+                self.optimizer.step()
+                self.step += 1
+                losses.append(float(loss))
+                clipfracs.append(cf)
+                ents.append(float(mean_ent))
+        report = UpdateReport(
+            version=self.version, base_version=self.version, accepted=True, reason="",
+            loss=sum(losses) / len(losses), loss_first=losses[0], loss_last=losses[-1],
+            n_samples=len(samples), n_tokens=n_tok, n_hinted=len(hinted),
+            train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
+            kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
+            grad_norm=max(norms), baseline=self.baseline if cfg.baseline == "ema" else 0.0,
+            rl_adv_mean=rl_mean, opd_adv_mean=opd_mean, rep_before=rep_before, rep_after=None, step=self.step,
+        )
+        if guard_prompts:
+            rep_after = self._repetition(guard_prompts)
+            report["rep_after"] = rep_after
+            if rep_after > cfg.guard_max_repeat and rep_after > rep_before + 0.1:
+                with torch.no_grad():
+                    for n, p in self.trainable.items():
+                        p.copy_(snapshot[0][n])
+                self.optimizer.load_state_dict(snapshot[1])
+                self.step -= len(losses)
+                report.update(accepted=False, reason=f"repetition guard: greedy repeat {rep_after:.2f} > {cfg.guard_max_repeat}",
+                              step=self.step)
+                report["seconds"] = time.perf_counter() - t0
+                return report
+        self._update_baseline(samples)
+        self.version += 1
+        report["version"] = self.version
+        self._save()
+        report["seconds"] = time.perf_counter() - t0
+        return report
+
+    # ---- deltas and checkpoints -----------------------------------------------------------------
+
+    def export_delta(self):
+        """The current version as a weight delta (collective under TP)."""
+        from backend.delta import Delta
+        from backend.trainer.export import full_tensors, lora_tensors
+
+        if self.version < 1:
+            raise ValueError("nothing to export: no update has been made yet (version 0 is the base model)")
+        meta = {"base_fingerprint": self.fingerprint, "base_model": str(self.model_path), "trainer_step": self.step}
+        if self.cfg.mode == "lora":
+            dtype = torch.bfloat16 if self.cfg.delta_dtype == "bf16" else torch.float32
+            tensors = lora_tensors(self.model, self.shape, dtype)
+            meta.update(lora_r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, absolute="1")
+            return Delta(self.version, self.version - 1, "lora", tensors, meta)
+        tensors = full_tensors(self.model, self.shape)
+        meta.update(absolute="1")
+        return Delta(self.version, self.version - 1, "full", tensors, meta)
+
+    def _state(self) -> dict:
+        return {
+            "trainable": {n: p.detach().clone() for n, p in self.trainable.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "version": self.version, "step": self.step, "baseline": self.baseline, "n_rewards": self.n_rewards,
+        }
+
+    def _save(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        from dataclasses import asdict
+
+        meta = {"version": self.version, "step": self.step, "fingerprint": self.fingerprint,
+                "tp": self.tp, "config": asdict(self.cfg)}
+        ckpt.save(self.checkpoint_dir, self.version, self.rank, self._state(), meta, self.cfg.keep_checkpoints)
+
+    def _resume(self) -> None:
+        path = ckpt.latest(self.checkpoint_dir)
+        if path is None:
+            return
+        state, meta = ckpt.load(path, self.rank)
+        from companion.errors import UserError
+
+        if meta.get("fingerprint") != self.fingerprint:
+            raise UserError(f"checkpoint {path} was trained on another base model; use a fresh checkpoint folder.")
+        if meta.get("tp") != self.tp or meta["config"]["mode"] != self.cfg.mode:
+            raise UserError(f"checkpoint {path} has TP={meta.get('tp')} mode={meta['config']['mode']}; "
+                            f"this trainer has TP={self.tp} mode={self.cfg.mode}.")
+        missing = set(self.trainable) - set(state["trainable"])
+        if missing:
+            raise UserError(f"checkpoint {path} does not match the trainer's parameters (e.g. {sorted(missing)[0]}).")
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(state["trainable"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version, self.step = state["version"], state["step"]
+        self.baseline, self.n_rewards = state["baseline"], state["n_rewards"]
+        self.resumed_from = self.version
