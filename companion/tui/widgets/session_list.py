@@ -22,8 +22,8 @@ class SessionList(ListView):
         for i, s in enumerate(sessions):
             n = s.get("n_turns", 0)
             label = f"{shorten(s.get('title') or 'Chat', 22)}\n[dim]{n} turn{'s' if n != 1 else ''}[/dim]"
-            self.append(ListItem(Label(label, markup=True), name=s["session_id"]))
-            if s["session_id"] == current:
+            self.append(ListItem(Label(label, markup=True), name=s["id"]))
+            if s["id"] == current:
                 index = i
         if index is not None:
             self.index = index
