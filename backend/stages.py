@@ -163,7 +163,7 @@ class TinyLoraTrainer:
             resp = logp[len(s.prompt_ids) - 1:]  # [R]: log p of the reply tokens
             loss = -(float(s.reward or 0) + (0.1 if s.hint else 0.0)) * resp.mean() / len(samples)
             loss.backward()
-            total += float(loss)
+            total += loss.item()
             n_tok += len(s.response_ids)
         self.opt.step()
         if self.slow_s:
