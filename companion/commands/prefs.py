@@ -13,7 +13,7 @@ def register(sub, common) -> None:
                        description="The hints the backend distilled from your messages, grouped when they say the "
                                    "same thing, and the share of +1 judgments per policy version.")
     p.add_argument("--exact", action="store_true", help="group identical wordings only (no embedding model)")
-    p.add_argument("--threshold", type=float, default=None, help="cosine similarity to group hints (default 0.45)")
+    p.add_argument("--threshold", type=float, default=None, help="cosine similarity to group hints (default 0.4)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
