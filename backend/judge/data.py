@@ -1,0 +1,45 @@
+"""The labelled follow-up bank shipped with the project (backend/data/).
+
+Two files, written separately: ``followups_train.jsonl`` (the judge's training
+set) and ``followups_heldout.jsonl`` (evaluation only, written in other voices:
+terse lowercase texting, formal and elderly, non-native English). Never train
+on the held-out file. Rows: ``{"label": -1|0|1, "kind", "domain", "next",
+"keys"?}``; ``keys`` lists the words a hint must keep when the follow-up
+carries a directive (corrections, redo requests, style complaints, errors).
+
+Label policy (decided, see docs/judge.md): thanks or praise followed by a new
+request is +1; implicit acceptance ("ok it runs now") is +1; a new unrelated
+question, a clarifying question and a bare "ok"/"hmm" are 0; sarcasm,
+vague displeasure, pasted errors, redo requests, corrections and style
+complaints are -1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+TRAIN_PATH = DATA_DIR / "followups_train.jsonl"
+HELDOUT_PATH = DATA_DIR / "followups_heldout.jsonl"
+
+
+def load_bank(path: Path | str) -> list[dict]:
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("label") not in (-1, 0, 1) or not isinstance(row.get("next"), str):
+            raise ValueError(f"{path}:{n}: a row needs label in -1/0/1 and a 'next' string")
+        rows.append(row)
+    return rows
+
+
+def files_hash(*paths: Path | str, extra: str = "") -> str:
+    """sha256 over the bytes of the given files plus ``extra`` (code/config version)."""
+    h = hashlib.sha256(extra.encode())
+    for p in paths:
+        h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
