@@ -72,7 +72,9 @@ class _KeyAuthenticator(ThreadAuthenticator):
         self.allowed = allowed
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        return self.allowed.get(client_public_key, "")
+        from zmq.utils import z85
+
+        return self.allowed.get(z85.encode(client_public_key), "")  # the allowed map holds Z85 text keys
 
 
 class BackendServer:
