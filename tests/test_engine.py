@@ -15,9 +15,9 @@ MSGS = [{"role": "system", "content": "You are a helpful assistant."}, {"role": 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture()
-def engine(tiny_model_dir):
-    return LocalEngine(tiny_model_dir, dtype="fp32")
+@pytest.fixture(params=[True, False], ids=["fastpath", "hf-forward"])
+def engine(tiny_model_dir, request):
+    return LocalEngine(tiny_model_dir, dtype="fp32", use_fast_path=request.param)
 
 
 def random_lora(engine: LocalEngine, version: int, r: int = 4, alpha: float = 8.0, seed: int = 0, scale: float = 0.05) -> Delta:
@@ -156,6 +156,27 @@ def test_generation_in_flight_finishes_on_its_version(engine):
     assert result["r"].version == 0 and len(result["r"].token_ids) == 40
     assert engine.version == 1
     assert engine.generate(MSGS, GenParams(max_new_tokens=2, temperature=0)).version == 1
+
+
+def test_fast_path_matches_hf_forward_after_a_delta(tiny_model_dir):
+    eng = LocalEngine(tiny_model_dir, dtype="fp32")
+    assert eng.fast is not None
+    eng.apply_delta(random_lora(eng, version=1))  # writes the HF params, which are views of the fused weights
+    reply = eng.generate(MSGS, GenParams(max_new_tokens=10, temperature=0))
+    full = reply.prompt_ids + reply.token_ids
+    logp = torch.log_softmax(logits_of(eng.model, full)[0, len(reply.prompt_ids) - 1 : -1], -1)
+    expected = logp.gather(-1, torch.tensor(reply.token_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(reply.logprobs), expected, atol=1e-4)
+
+
+@pytest.mark.real_model
+def test_real_model_fast_path_logits_match_hf(real_model_dir):
+    eng = LocalEngine(real_model_dir, dtype="fp32")
+    ids = eng.prompt_ids(MSGS)
+    cache = eng.fast.new_cache(1, len(ids))
+    fast = eng.fast.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache)
+    ref = logits_of(eng.model, ids)[:, -1]
+    assert (fast - ref).abs().max() < 1e-4 and fast.argmax() == ref.argmax()
 
 
 @pytest.mark.real_model

@@ -33,6 +33,8 @@ from typing import Callable, Iterator
 import torch
 
 from backend.delta import Delta, DeltaError, unpack
+from companion.engine import fastpath
+from companion.engine.fastpath import FastLlama
 from companion.models import model_fingerprint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -133,6 +135,7 @@ class LocalEngine:
         dtype: str = "bf16",
         threads: int = 0,
         fingerprint: str | None = None,
+        use_fast_path: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,6 +149,7 @@ class LocalEngine:
         self.model = AutoModelForCausalLM.from_pretrained(str(self.model_path), dtype=self.dtype)
         self.model.eval()
         self.model.requires_grad_(False)
+        self.fast = FastLlama(self.model) if use_fast_path and fastpath.supported(self.model) else None
         self.fingerprint = fingerprint or model_fingerprint(self.model_path)
         self.version = 0
         self.eos_ids = self._eos_ids()
@@ -188,6 +192,33 @@ class LocalEngine:
             return idx.gather(-1, choice).squeeze(-1)
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
+    # ------------------------------------------------------------------ decoding core
+    def _start(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, max_len: int):
+        """Prefill: ids/valid/positions [B, P] -> (logits of last position [B, V], decode state)."""
+        if self.fast is not None:
+            cache = self.fast.new_cache(ids.shape[0], max_len)
+            padded = bool((valid == 0).any())
+            full_valid = torch.ones((ids.shape[0], max_len), dtype=torch.bool)
+            full_valid[:, : ids.shape[1]] = valid.bool()
+            logits = self.fast.forward(ids, positions, cache, full_valid if padded else None)
+            return logits, {"cache": cache, "valid": full_valid if padded else None}
+        from transformers import DynamicCache
+
+        state = {"cache": DynamicCache(), "mask": valid.long()}
+        out = self.model(input_ids=ids, attention_mask=state["mask"], position_ids=positions,
+                         past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float(), state
+
+    def _step(self, state: dict, toks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decode step: toks/positions [B, 1] -> logits [B, V]."""
+        if self.fast is not None:
+            return self.fast.forward(toks, positions, state["cache"], state["valid"])
+        n = toks.shape[0]
+        state["mask"] = torch.cat([state["mask"], torch.ones((n, 1), dtype=torch.long)], dim=1)
+        out = self.model(input_ids=toks, attention_mask=state["mask"], position_ids=positions,
+                         past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
     @torch.inference_mode()
     def generate(
         self,
@@ -196,29 +227,31 @@ class LocalEngine:
         on_token: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> Reply:
-        from transformers import DynamicCache
-
         params = params or GenParams()
         gen = None
         if params.seed is not None:
             gen = torch.Generator().manual_seed(params.seed)
         prompt = self.prompt_ids(messages)
+        n_prompt = len(prompt)
         with self._lock:
             version = self.version
             t0 = time.perf_counter()
-            cache = DynamicCache()
-            ids = torch.tensor([prompt])  # [1, P]
             out_ids: list[int] = []
             logps: list[float] = []
             streamer = _TextStreamer(self.tokenizer)
             finish = "length"
             t_first = None
-            for _ in range(params.max_new_tokens):
+            logits = state = None
+            for step in range(params.max_new_tokens):
                 if cancel is not None and cancel.is_set():
                     finish = "cancelled"
                     break
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                logits = out.logits[:, -1, :].float()  # [1, V]
+                if state is None:
+                    ids = torch.tensor([prompt])  # [1, P]
+                    logits, state = self._start(ids, torch.ones_like(ids), torch.arange(n_prompt)[None],
+                                                n_prompt + params.max_new_tokens)
+                else:
+                    logits = self._step(state, tok.view(1, 1), torch.tensor([[n_prompt + step - 1]]))
                 tok = self._choose(logits, params, gen)  # [1]
                 logp = torch.log_softmax(logits, -1)[0, tok[0]].item()
                 t = int(tok[0])
@@ -232,7 +265,6 @@ class LocalEngine:
                 piece = streamer.push(out_ids)
                 if piece and on_token is not None:
                     on_token(piece)
-                ids = tok.view(1, 1)
             t_end = time.perf_counter()
         text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
         if on_token is not None and len(text) > len(streamer.emitted) and text.startswith(streamer.emitted):
@@ -257,32 +289,26 @@ class LocalEngine:
     @torch.inference_mode()
     def generate_greedy_batch(self, batch: list[list[dict]], max_new_tokens: int = 256) -> list[Reply]:
         """Greedy replies for several prompts at once (left padding, explicit positions)."""
-        from transformers import DynamicCache
-
         if not batch:
             return []
         prompts = [self.prompt_ids(m) for m in batch]
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)  # [B, P]
-        mask = torch.zeros((n, width), dtype=torch.long)  # [B, P] 1 = real token
+        valid = torch.zeros((n, width), dtype=torch.long)  # [B, P] 1 = real token
         for i, p in enumerate(prompts):
             ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+            valid[i, width - len(p) :] = 1
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)  # [B, P]
         with self._lock:
             version = self.version
             t0 = time.perf_counter()
-            cache = DynamicCache()
             outs: list[list[int]] = [[] for _ in range(n)]
             logps: list[list[float]] = [[] for _ in range(n)]
             done = [False] * n
             finish = ["length"] * n
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
-            for _ in range(max_new_tokens):
-                out = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1,
-                )
-                logits = out.logits[:, -1, :].float()  # [B, V]
+            logits, state = self._start(ids, valid, positions, width + max_new_tokens)
+            positions = positions[:, -1:]  # [B, 1]
+            for step in range(max_new_tokens):
                 toks = logits.argmax(-1)  # [B]
                 lp = torch.log_softmax(logits, -1).gather(-1, toks[:, None])[:, 0]
                 for i in range(n):
@@ -294,12 +320,11 @@ class LocalEngine:
                     else:
                         outs[i].append(t)
                         logps[i].append(float(lp[i]))
-                if all(done):
+                if all(done) or step == max_new_tokens - 1:
                     break
                 toks = torch.where(torch.tensor(done), torch.full_like(toks, self.pad_id), toks)
-                ids = toks[:, None]  # [B, 1]
-                positions = positions[:, -1:] + 1
-                mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+                positions = positions + 1
+                logits = self._step(state, toks[:, None], positions)
             elapsed = time.perf_counter() - t0
         return [
             Reply(
