@@ -137,7 +137,10 @@ class CompanionApp(App):
         yield SystemCommand("Learned preferences", "What the backend learned (F3)", self.action_show_prefs)
 
         def on_chat(action: str):
-            return lambda: self._chat_screen().run_action(action)
+            async def run() -> None:
+                await self._chat_screen().run_action(action)
+
+            return run
 
         for title, help_text, action in (
             ("New chat", "Start a new session", "new_session"),

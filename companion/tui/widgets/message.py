@@ -29,7 +29,7 @@ class ChatMessage(Vertical):
         self._timer = None
 
     def compose(self) -> ComposeResult:
-        yield Label(self._label(), classes="role")
+        yield Label(self._label(), classes="role", markup=False)  # badges use brackets
         yield Markdown(self.text, classes="body")
 
     def _label(self, badge: str = "") -> str:

@@ -32,8 +32,8 @@ class SessionList(ListView):
         item = self.highlighted_child
         return item.name if item is not None else None
 
-    def action_rename(self) -> None:
-        self.screen.run_action("rename_session")
+    async def action_rename(self) -> None:
+        await self.screen.run_action("rename_session")
 
-    def action_delete(self) -> None:
-        self.screen.run_action("delete_session")
+    async def action_delete(self) -> None:
+        await self.screen.run_action("delete_session")
