@@ -81,6 +81,7 @@ class Link:
         self.counters = {"sent": 0, "resent": 0, "acked": 0, "judgments": 0, "deltas_applied": 0,
                          "deltas_refused": 0, "errors": 0}
         self._inflight: dict[str, dict] = {}  # turn id -> {outbox_id, sent_at, attempts}
+        self._acked: list[tuple[int | None, str | None]] = []
         self._requests: queue.Queue = queue.Queue()  # status requests from other threads
         self._status_waiters: list[queue.Queue] = []
         self._apply_in: queue.Queue = queue.Queue()
@@ -168,6 +169,7 @@ class Link:
                                            version=self.version)
                         last_rx = time.time()
                         self._on_frames(sock, frames)
+                    self._flush_acks()
                 now = time.time()
                 if self.connected and now - last_rx > self.cfg.dead_after_s:
                     self.connected = False
@@ -231,10 +233,8 @@ class Link:
         t = msg.type
         if t == "ack":
             st = self._inflight.pop(msg["ref"], None)
-            if st is not None:
-                self.journal.mark_delivered([st["outbox_id"]])
-            else:  # an ack for a re-send after a restart of this process
-                self.journal.mark_delivered(turn_ids=[msg["ref"]])
+            # acks of one burst are written in one transaction (_flush_acks)
+            self._acked.append((st["outbox_id"], None) if st is not None else (None, msg["ref"]))
             self.counters["acked"] += 1
         elif t == "judgment":
             data = {k: msg[k] for k in ("turn_id", "reward", "votes", "hint", "judge_name", "judged_at")}
@@ -256,6 +256,12 @@ class Link:
             self.last_error = dict(msg.fields)
             log.warning("backend error %s: %s", msg["code"], msg["message"])
         # pong: liveness only (last_rx already updated)
+
+    def _flush_acks(self) -> None:
+        if self._acked:
+            self.journal.mark_delivered([o for o, _ in self._acked if o is not None],
+                                        turn_ids=[t for _, t in self._acked if t is not None])
+            self._acked = []
 
     def _serve_requests(self, sock: zmq.Socket) -> None:
         while True:
