@@ -33,7 +33,8 @@ CHECKS = ("absent", "present", "max_words", "min_words", "keywords")
 TOP_KEYS = {"name", "description", "tasks", "eval_tasks", "preferences", "feedback"}
 TASK_KEYS = {"prompt", "keywords"}
 PREF_KEYS = {"id", "check", "pattern", "value", "corrections", "description"}
-FEEDBACK_KEYS = {"praise", "vague_complaints", "neutral", "rewrite_requests", "vague_rate", "neutral_rate", "max_rewrites"}
+FEEDBACK_KEYS = {"praise", "vague_complaints", "neutral", "rewrite_requests", "vague_rate", "neutral_rate",
+                 "rewrite_rate", "max_rewrites"}
 # Where `--persona NAME` looks: the repository's personas/ folder, then ./personas.
 PERSONA_DIRS = (Path(__file__).resolve().parents[2] / "personas", Path("personas"))
 
@@ -84,6 +85,7 @@ class Feedback:
     vague_rate: float = 0.2
     neutral_rate: float = 0.0
     max_rewrites: int = 2
+    rewrite_rate: float = 0.5  # chance that a failing reply (rewrites left) gets a rewrite request
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,7 @@ def _parse_feedback(data: dict, idx: _LineIndex, problems: list[Problem]) -> Fee
     neutral = _str_list(raw.get("neutral", []), "feedback.neutral", at("neutral") or at(), problems, allow_empty=True)
     rewrites = _str_list(raw.get("rewrite_requests", DEFAULT_REWRITE_REQUESTS), "feedback.rewrite_requests", at("rewrite_requests") or at(), problems)
     rates = {}
-    for key, default in (("vague_rate", 0.2), ("neutral_rate", 0.0)):
+    for key, default in (("vague_rate", 0.2), ("neutral_rate", 0.0), ("rewrite_rate", 0.5)):
         val = raw.get(key, default)
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= val <= 1.0:
             problems.append(Problem(at(key), f"feedback.{key} must be a number between 0 and 1."))
@@ -259,7 +261,7 @@ def _parse_feedback(data: dict, idx: _LineIndex, problems: list[Problem]) -> Fee
         problems.append(Problem(at("max_rewrites"), "feedback.max_rewrites must be a whole number, 0 or more."))
         max_rewrites = 0
     return Feedback(praise or ("Thanks.",), vague, neutral, rewrites or tuple(DEFAULT_REWRITE_REQUESTS),
-                    rates["vague_rate"], rates["neutral_rate"], max_rewrites)
+                    rates["vague_rate"], rates["neutral_rate"], max_rewrites, rates["rewrite_rate"])
 
 
 def _validate(text: str, path: Path) -> tuple[Persona | None, list[Problem]]:
