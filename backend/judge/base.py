@@ -80,6 +80,9 @@ class Judge:
         Without a feedback store (no ``feedback_db`` given) the Judgment is still returned,
         but nothing is kept for later refits.
         """
+        from companion.errors import UserError
+        if label not in (-1, 1):
+            raise UserError("explicit feedback is +1 (thumbs up) or -1 (thumbs down).")
         t0 = time.perf_counter()
         j = Judgment.explicit(label)
         if self.feedback is not None:

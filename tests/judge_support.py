@@ -1,0 +1,33 @@
+"""Shared, process-wide judge objects for the judge and hint tests (no conftest edits needed).
+
+MiniLM is loaded once per test process. The shared judge uses companion's
+cache dir (``COMPANION_CACHE_DIR`` or ~/.cache/companion), so the heads are
+fitted once per machine and later runs load them; the cold fit itself is
+tested on a small bank in test_judge.py. ``CACHE`` is a private temporary
+cache for tests that write (feedback refits).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+CACHE = Path(tempfile.mkdtemp(prefix="judge-cache-"))
+atexit.register(shutil.rmtree, CACHE, True)
+
+
+@functools.lru_cache(maxsize=None)
+def featurizer():
+    import torch
+    torch.set_num_threads(1)
+    from backend.judge.features import Featurizer
+    return Featurizer()
+
+
+@functools.lru_cache(maxsize=None)
+def judge(m: int = 3):
+    from backend.judge import load_judge
+    return load_judge("embedding", m=m, featurizer=featurizer())
