@@ -2,7 +2,7 @@
 
 Defaults come from short measurements on this CPU (docs/trainer.md, "Stability"):
 LoRA r8 on all linear layers, lr 3e-4, 2 epochs per update of 4 samples,
-bf16 autocast with fp32 log-probs, reward centering with a running baseline,
+fp32 compute (bf16 GEMMs are slower on this CPU), reward centering with a running baseline,
 a small KL anchor to the base policy and a repetition guard.
 """
 
@@ -51,7 +51,11 @@ class TrainerConfig:
     guard_prompts: int = _help("Probe prompts for the repetition guard (taken from the batch).", default=2)
     guard_tokens: int = _help("Greedy tokens generated per probe prompt.", default=24)
     guard_max_repeat: float = _help("Refuse when the repeated-3-gram fraction exceeds this and got worse.", default=0.5)
-    dtype: str = _help("Training compute: 'bf16' autocast (fp32 master weights, fp32 log-probs) or 'fp32'.", default="bf16")
+    dtype: str = _help(
+        "Training compute: 'fp32' (default: this CPU has no native bf16 GEMM, bf16 measured ~7x slower) "
+        "or 'bf16' autocast (fp32 master weights and fp32 vocabulary projection; for GPUs / AMX CPUs).",
+        default="fp32",
+    )
     delta_dtype: str = _help("Dtype of exported LoRA factors: 'bf16' (half size) or 'fp32' (exact).", default="bf16")
     tp: int = _help("Tensor-parallel degree (world size under torchrun).", default=1)
     seed: int = _help("Seed for adapter init and megatron's RNG tracker.", default=1234)

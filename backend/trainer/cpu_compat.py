@@ -23,6 +23,13 @@ What it patches and why:
    name into megatron.core.fusions.fused_softmax) hard-codes ``device="cuda"``
    when attention is called without a mask; the patched version builds the same
    upper-triangular boolean mask on the CPU (cached per length, as upstream).
+4. The two autograd functions behind every parallel linear
+   (``LinearWithFrozenWeight``, ``LinearWithGradAccumulationAndAsyncCommunication``)
+   are decorated with ``torch.amp.custom_fwd/custom_bwd(device_type="cuda")``, so
+   under CPU bf16 autocast the backward runs without autocast and multiplies a
+   bf16 gradient by an fp32 weight (dtype error). We re-decorate the undecorated
+   functions (``__wrapped__``) with ``device_type="cpu"``: backward then runs
+   under the same autocast state as forward, exactly what the CUDA path does.
 """
 
 from __future__ import annotations
@@ -76,6 +83,14 @@ def apply() -> bool:
 
     mutils.get_default_causal_mask = _causal_mask
     fused_softmax.get_default_causal_mask = _causal_mask
+
+    from megatron.core.tensor_parallel import layers as mlayers
+
+    for cls in (mlayers.LinearWithFrozenWeight, mlayers.LinearWithGradAccumulationAndAsyncCommunication):
+        fwd = getattr(cls.forward, "__wrapped__", cls.forward)
+        bwd = getattr(cls.backward, "__wrapped__", cls.backward)
+        cls.forward = staticmethod(torch.amp.custom_fwd(fwd, device_type="cpu"))
+        cls.backward = staticmethod(torch.amp.custom_bwd(bwd, device_type="cpu"))
 
     mrandom._get_cuda_rng_state = _get_state
     mrandom._set_cuda_rng_state = _set_state

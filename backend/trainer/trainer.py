@@ -72,6 +72,7 @@ class Trainer:
         self.shape = LlamaShape.from_folder(self.model_path)
         self.model = build_gpt_model(self.shape, self.tp)
         load_into(self.model, to_megatron_shard(load_hf_state(self.model_path), self.shape, self.rank, self.tp))
+        self._select: torch.Tensor | None = None  # [b, s] bool: positions whose logits are computed
         self._fp32_output_layer()
         from transformers import AutoTokenizer
 
@@ -99,6 +100,8 @@ class Trainer:
 
         self.fingerprint = model_fingerprint(self.model_path)
         self.resumed_from: int | None = None
+        self._probe_prompts: list[list[int]] = []
+        self._probe_rep: float | None = None
         if self.checkpoint_dir is not None:
             self._resume()
 
@@ -109,8 +112,13 @@ class Trainer:
         log-softmax is where bf16 error hurts log-probs most (docs/trainer.md)."""
         layer = self.model.output_layer
         orig = layer.forward
+        trainer = self
 
         def forward(input_, *args, **kwargs):
+            # input_ [s, b, h]; with a position selector only the reply positions reach the
+            # 49k-way projection (it is ~20% of the FLOPs and most of the memory): [N, 1, h].
+            if trainer._select is not None:
+                input_ = input_.transpose(0, 1)[trainer._select].unsqueeze(1)
             with torch.autocast("cpu", enabled=False):
                 return orig(input_.float(), *args, **kwargs)
 
@@ -121,12 +129,16 @@ class Trainer:
             return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
         return nullcontext()
 
-    def _logits(self, ids: torch.Tensor, attention_mask=None, position_ids=None) -> torch.Tensor:
-        """[b, s] -> vocab-parallel logits [b, s, v/tp] (fp32)."""
+    def _logits(self, ids: torch.Tensor, attention_mask=None, position_ids=None, select=None) -> torch.Tensor:
+        """[b, s] -> vocab-parallel logits [b, s, v/tp] (fp32); with ``select`` [b, s] bool: [1, N, v/tp]."""
         if position_ids is None:
             position_ids = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-        with self._autocast():
-            return self.model(ids, position_ids, attention_mask).float()
+        self._select = select
+        try:
+            with self._autocast():
+                return self.model(ids, position_ids, attention_mask).float()
+        finally:
+            self._select = None
 
     def _base_ctx(self):
         """Context in which the model is the frozen base policy."""
@@ -167,8 +179,9 @@ class Trainer:
     def _reply_logits(self, pairs):
         """Logits at reply positions only, flattened in (sample, token) order: [1, N, v/tp], targets [1, N]."""
         ids, tgt, mask = self._collate(pairs)
-        logits = self._logits(ids)[:, :-1]  # [b, L-1, v/tp]
-        return logits[mask].unsqueeze(0), tgt[mask].unsqueeze(0)
+        select = torch.cat([mask, torch.zeros(mask.shape[0], 1, dtype=torch.bool)], dim=1)  # [b, L]
+        logits = self._logits(ids, select=select)  # [1, N, v/tp], (sample, token) order
+        return logits, tgt[mask].unsqueeze(0)
 
     @torch.no_grad()
     def _score(self, pairs, topk: int = 0):
@@ -216,7 +229,9 @@ class Trainer:
             pos = (~pad).long().cumsum(-1).sub(1).clamp(min=0)
             causal = torch.triu(torch.ones(width, width, dtype=torch.bool), 1)
             attn = (causal.unsqueeze(0) | pad.unsqueeze(1)).unsqueeze(1)  # [b, 1, s, s] True = masked
-            logits = self._logits(ids, attn, pos)[:, -1:]
+            last = torch.zeros_like(pad)
+            last[:, -1] = True
+            logits = self._logits(ids, attn, pos, select=last).transpose(0, 1)  # [b, 1, v/tp]
             _, nxt = L.topk_global(logits, 1)  # [b, 1, 1]
             for i in range(len(rows)):
                 if done[i]:
@@ -345,8 +360,14 @@ class Trainer:
         ]
         gap = float(torch.cat(gap_parts).mean()) if gap_parts else None
         # --- repetition guard reference and snapshot for an exact rollback
-        guard_prompts = [s.prompt_ids for s in samples[: cfg.guard_prompts]] if cfg.repetition_guard else []
-        rep_before = self._repetition(guard_prompts) if guard_prompts else None
+        # Probe prompts are fixed at the first update (and checkpointed) so the greedy repetition of
+        # the serving version is computed once and reused: the guard costs one probe per update.
+        if cfg.repetition_guard and not self._probe_prompts:
+            self._probe_prompts = [list(s.prompt_ids) for s in samples[: cfg.guard_prompts]]
+        guard_prompts = self._probe_prompts if cfg.repetition_guard else []
+        if guard_prompts and self._probe_rep is None:
+            self._probe_rep = self._repetition(guard_prompts)
+        rep_before = self._probe_rep if guard_prompts else None
         snapshot = None
         if guard_prompts:
             snapshot = ({n: p.detach().clone() for n, p in self.trainable.items()},
@@ -359,7 +380,7 @@ class Trainer:
                 s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
                 logits, tgt = self._reply_logits(pairs[a : a + mb])
                 need_ent = cfg.entropy_floor > 0 and cfg.entropy_coef > 0
-                lp, ent = L.token_logp(logits, tgt, with_entropy=True)
+                lp, ent = L.token_logp(logits, tgt, with_entropy=True)  # entropy is also reported
                 lp, ent = lp[0], ent[0]  # [n]
                 mask = torch.ones_like(lp)
                 loss, cf = L.ppo_loss(lp, old_lp[s0:s1], adv[s0:s1], mask, cfg.eps_low, cfg.eps_high)
@@ -373,7 +394,7 @@ class Trainer:
                 if base_lp is not None:
                     kl = L.kl_k3(lp, base_lp[s0:s1], mask)
                     loss = loss + cfg.kl_coef * kl
-                    kls.append(float(kl))
+                    kls.append(float(kl.detach()))
                 mean_ent = ent.mean()
                 if need_ent:
                     loss = loss + cfg.entropy_coef * torch.relu(cfg.entropy_floor - mean_ent)
@@ -382,9 +403,9 @@ class Trainer:
                 norms.append(self._clip_grads())
                 self.optimizer.step()
                 self.step += 1
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 clipfracs.append(cf)
-                ents.append(float(mean_ent))
+                ents.append(float(mean_ent.detach()))
         report = UpdateReport(
             version=self.version, base_version=self.version, accepted=True, reason="",
             loss=sum(losses) / len(losses), loss_first=losses[0], loss_last=losses[-1],
@@ -407,6 +428,8 @@ class Trainer:
                               step=self.step)
                 report["seconds"] = time.perf_counter() - t0
                 return report
+        if guard_prompts:
+            self._probe_rep = report["rep_after"]
         self._update_baseline(samples)
         self.version += 1
         report["version"] = self.version
@@ -438,6 +461,7 @@ class Trainer:
             "trainable": {n: p.detach().clone() for n, p in self.trainable.items()},
             "optimizer": self.optimizer.state_dict(),
             "version": self.version, "step": self.step, "baseline": self.baseline, "n_rewards": self.n_rewards,
+            "probe_prompts": self._probe_prompts, "probe_rep": self._probe_rep,
         }
 
     def _save(self) -> None:
@@ -470,4 +494,5 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.version, self.step = state["version"], state["step"]
         self.baseline, self.n_rewards = state["baseline"], state["n_rewards"]
+        self._probe_prompts, self._probe_rep = state.get("probe_prompts") or [], state.get("probe_rep")
         self.resumed_from = self.version
