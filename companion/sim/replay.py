@@ -1,0 +1,355 @@
+"""Replay a simulated persona against the whole system and measure personalization.
+
+One run (:func:`run_replay`):
+- the local engine (:class:`companion.engine.local.LocalEngine`) serves every reply,
+  sampled (temperature/top_p from the config, seed derived from ``--seed`` and the turn);
+- the simulated person (:class:`companion.sim.user.SimulatedUser`) answers it;
+- learning methods ``combined | binary | opd``: each turn goes into the journal
+  (:class:`companion.journal.Journal`), over the link (:class:`companion.link.Link`) to a
+  real backend child process (:mod:`companion.sim.backend_proc`: real judge, real
+  megatron Trainer), judgments and deltas come back and the link applies the deltas to
+  the engine;
+- ``memory`` (a labelled *baseline*, not the product): the real judge runs in-process and
+  each hint it extracts is appended to the system prompt instead of training;
+- ``none``: never learns (the real judge still runs in-process so agreement is reported).
+- at turn 0 and every ``eval_every`` turns, greedy replies to the held-out eval tasks are
+  scored (:mod:`companion.sim.evaluation`). Eval prompts are never training turns.
+
+Reproducibility: with ``sync`` (the default for experiments) the driver waits for each
+turn's judgment and, when a full training batch is waiting, for the new policy version
+before the next turn; the backend trains full batches only. The same seed then replays
+the same tasks, reactions and (given deterministic CPU kernels) the same replies.
+Without ``sync`` the loops run free, as in the product, and timing decides versions.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from companion.errors import UserError
+from companion.sim.evaluation import run_eval
+from companion.sim.persona import Persona
+from companion.sim.user import SimulatedUser
+
+METHODS = ("combined", "binary", "opd", "none", "memory")
+MEMORY_HEADER = "\n\nWhat this user told you before (follow it):"
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ReplayConfig:
+    method: str = _help("combined | binary | opd (train through the backend), none (never learns), "
+                        "memory (baseline: hints appended to the system prompt).", default="combined")
+    turns: int = _help("Assistant replies the simulated person reacts to.", default=36)
+    eval_every: int = _help("Evaluate on the eval tasks every N turns (and at turn 0).", default=6)
+    seed: int = _help("Seed for task order, reactions and sampling.", default=0)
+    max_new_tokens: int = _help("Longest reply, in tokens (training turns and evaluation).", default=160)
+    temperature: float = _help("Sampling temperature of training turns.", default=0.7)
+    top_p: float = _help("Nucleus sampling of training turns.", default=0.9)
+    batch_size: int = _help("Samples per policy update in the backend.", default=4)
+    sync: bool = _help("Wait for judgments and due policy versions (reproducible runs).", default=True)
+    judge: str = _help("Judge name for backend.judge.load_judge ('embedding' or 'llm').", default="embedding")
+    judge_m: int = _help("Judge votes per turn.", default=3)
+    threads: int = _help("Torch threads for serving (the backend child uses 1).", default=1)
+    wait_timeout_s: float = _help("Longest wait for one judgment or one policy update.", default=600.0)
+    trainer_overrides: dict = _help("Extra TrainerConfig fields for the backend (JSON-able).", default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}.")
+        if self.turns < 1 or self.eval_every < 1:
+            raise UserError("--turns and --eval-every must be at least 1.")
+        if self.max_new_tokens < 8:
+            raise UserError("--max-new-tokens must be at least 8.")
+        if self.batch_size < 1 or self.judge_m < 1:
+            raise UserError("--batch-size and --judge-m must be at least 1.")
+
+
+@dataclass
+class TurnRecord:
+    turn: int
+    session: int
+    task: str
+    rewrite_of: int | None
+    policy_version: int
+    reply_words: int
+    finish_reason: str
+    score: float
+    all_pass: bool
+    failed: str
+    reaction_kind: str
+    intended: int
+    next_message: str
+    judge_reward: int | None
+    judge_hint: str | None
+    serve_s: float
+    judge_s: float | None
+    train_wait_s: float
+    turn_id: str
+
+
+@dataclass
+class EvalPoint:
+    turn: int
+    version: int
+    score: float
+    all_pass: float
+    distinct4: float
+    per_pref: dict
+    seconds: float
+
+
+# ------------------------------------------------------------------ learners
+class _InProcessJudge:
+    """The real judge in this process (for ``none`` and ``memory``, which have no backend)."""
+
+    def __init__(self, cfg: ReplayConfig) -> None:
+        from backend.judge import load_judge
+
+        self.judge = load_judge(cfg.judge, m=cfg.judge_m)
+
+    def judge_turn(self, messages: list[dict], reply: str, next_message: str) -> dict:
+        j = self.judge.judge(messages, reply, next_message)
+        return {"reward": int(j.reward), "hint": j.hint, "votes": list(j.votes), "judge_name": j.judge_name}
+
+
+class NoLearner:
+    label = "none"
+
+    def __init__(self, cfg: ReplayConfig, engine, run_dir: Path, system_prompt: str) -> None:
+        self.base_prompt = system_prompt
+        self.judge = _InProcessJudge(cfg)
+        self.train_seconds: list[float] = []
+
+    def system_prompt(self) -> str:
+        return self.base_prompt
+
+    def new_session(self) -> None:
+        pass
+
+    def after_turn(self, messages, reply, next_message) -> tuple[str, dict | None, float, float]:
+        t0 = time.perf_counter()
+        j = self.judge.judge_turn(messages, reply.text, next_message)
+        return str(uuid.uuid4()), j, time.perf_counter() - t0, 0.0
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryLearner(NoLearner):
+    """Baseline: hints the judge extracts are appended to the system prompt; no weights change."""
+
+    label = "memory"
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.hints: list[str] = []
+
+    def system_prompt(self) -> str:
+        if not self.hints:
+            return self.base_prompt
+        return self.base_prompt + MEMORY_HEADER + "".join(f"\n- {h}" for h in self.hints)
+
+    def after_turn(self, messages, reply, next_message):
+        tid, j, judge_s, wait = super().after_turn(messages, reply, next_message)
+        if j and j.get("hint") and j["hint"] not in self.hints:
+            self.hints.append(j["hint"])
+        return tid, j, judge_s, wait
+
+
+class SystemLearner:
+    """Journal -> link -> real backend child (judge + trainer) -> deltas applied to the engine."""
+
+    def __init__(self, cfg: ReplayConfig, engine, run_dir: Path, system_prompt: str, model: str | None = None) -> None:
+        from companion.journal import Journal
+        from companion.link import Link
+        from companion.sim import backend_proc
+
+        self.cfg, self.engine, self.base_prompt = cfg, engine, system_prompt
+        self.label = cfg.method
+        sock_dir = Path(f"/tmp/companion-replay-{uuid.uuid4().hex[:8]}")
+        sock_dir.mkdir(mode=0o700)
+        self._sock_dir = sock_dir
+        self.backend = backend_proc.start(f"ipc://{sock_dir}/backend.sock", run_dir / "backend", cfg.method,
+                                          model=model, batch_size=cfg.batch_size, judge=cfg.judge,
+                                          judge_m=cfg.judge_m, trainer_overrides=cfg.trainer_overrides,
+                                          log_file=run_dir / "backend.log")
+        self.journal = Journal(run_dir / "companion.db", client_id=f"replay-{cfg.method}-{cfg.seed}")
+        self.link = Link(self.journal, self.backend.endpoint, engine=engine)
+        self._judgments: dict[str, dict] = {}
+        self._cv = threading.Condition()
+        self.link.on_judgment.append(self._on_judgment)
+        self.link.on_version.append(lambda v: self._notify())
+        self.link.start()
+        self.session_id: str | None = None
+        self.pending_samples = 0  # judged turns with signal since the last version
+        self.train_seconds: list[float] = []
+
+    def _on_judgment(self, msg: dict) -> None:
+        with self._cv:
+            self._judgments[msg["turn_id"]] = msg
+            self._cv.notify_all()
+
+    def _notify(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def system_prompt(self) -> str:
+        return self.base_prompt
+
+    def new_session(self) -> None:
+        self.session_id = self.journal.new_session(title=None)
+
+    def after_turn(self, messages, reply, next_message):
+        tid = self.journal.record_turn(self.session_id, messages, reply.text, prompt_ids=reply.prompt_ids,
+                                       token_ids=reply.token_ids, logprobs=reply.logprobs,
+                                       policy_version=reply.version, finish_reason=reply.finish_reason,
+                                       ttft_s=reply.ttft_s, decode_s=reply.decode_s)
+        t0 = time.perf_counter()
+        self.journal.set_next_message(tid, next_message)
+        if not self.cfg.sync:
+            with self._cv:
+                return tid, self._judgments.get(tid), 0.0, 0.0
+        with self._cv:
+            ok = self._cv.wait_for(lambda: tid in self._judgments, timeout=self.cfg.wait_timeout_s)
+        if not ok:
+            raise UserError(f"no judgment from the backend within {self.cfg.wait_timeout_s:.0f} s; see backend.log.")
+        judge_s = time.perf_counter() - t0
+        j = self._judgments[tid]
+        wait = 0.0
+        if int(j["reward"]) != 0 or j.get("hint"):
+            self.pending_samples += 1
+        if self.pending_samples >= self.cfg.batch_size:
+            wait = self._wait_for_update()
+        return tid, j, judge_s, wait
+
+    def _wait_for_update(self) -> float:
+        """Wait until the backend's buffer is trained: a new version applied, or nothing left to train."""
+        t0 = time.perf_counter()
+        start_version = self.engine.version
+        deadline = time.time() + self.cfg.wait_timeout_s
+        while time.time() < deadline:
+            with self._cv:
+                self._cv.wait(timeout=1.0)
+            if self.engine.version > start_version:
+                break
+            st = self.link.request_status(timeout=2.0) or {}
+            pipe = st.get("pipeline", st)
+            busy = (pipe.get("busy") or {}).get("train")
+            queued = sum((pipe.get("train_buffers") or {}).values()) + sum((pipe.get("queues") or {}).values())
+            if st and not busy and queued == 0 and time.perf_counter() - t0 > 5:
+                break  # nothing left to train (e.g. the trainer refused or dropped the batch)
+        else:
+            raise UserError(f"no policy update within {self.cfg.wait_timeout_s:.0f} s; see backend.log.")
+        self.pending_samples = 0
+        waited = time.perf_counter() - t0
+        self.train_seconds.append(waited)
+        return waited
+
+    def close(self) -> None:
+        try:
+            if self.session_id:
+                self.journal.end_session(self.session_id)
+            self.link.wait_drained(timeout=10)
+        finally:
+            self.link.stop()
+            self.backend.stop()
+            self.journal.close()
+            import shutil
+
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the run
+def make_run_dir(out: Path, persona: str, method: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    d = Path(out) / f"{stamp}-{persona}-{method}"
+    n = 1
+    while d.exists():
+        n += 1
+        d = Path(out) / f"{stamp}-{persona}-{method}-{n}"
+    d.mkdir(parents=True)
+    return d
+
+
+def run_replay(persona: Persona, cfg: ReplayConfig, run_dir: Path, *, model_path: Path, system_prompt: str,
+               dtype: str = "bf16", model: str | None = None, progress: bool = True, engine=None) -> dict:
+    """Run one replay; writes report.json, turns.csv, plot.png and summary.md into ``run_dir``."""
+    from tqdm import tqdm
+
+    from companion.engine.local import GenParams, LocalEngine
+    from companion.sim import report as rep
+
+    t_start = time.perf_counter()
+    engine = engine or LocalEngine(model_path, dtype=dtype, threads=cfg.threads)
+    learner_cls = {"none": NoLearner, "memory": MemoryLearner}.get(cfg.method)
+    learner = learner_cls(cfg, engine, run_dir, system_prompt) if learner_cls else \
+        SystemLearner(cfg, engine, run_dir, system_prompt, model=model)
+    user = SimulatedUser(persona, seed=cfg.seed)
+    turns: list[TurnRecord] = []
+    curve: list[EvalPoint] = []
+
+    def evaluate(turn: int) -> None:
+        t0 = time.perf_counter()
+        res = run_eval(engine, persona, learner.system_prompt(), cfg.max_new_tokens)
+        curve.append(EvalPoint(turn, engine.version, res.score, res.all_pass, res.distinct4, res.per_pref,
+                               time.perf_counter() - t0))
+        (run_dir / "eval_replies").mkdir(exist_ok=True)
+        (run_dir / "eval_replies" / f"turn{turn:03d}.json").write_text(json.dumps(
+            {"turn": turn, "version": engine.version, "replies": res.replies,
+             "failed": [s.failed for s in res.scores]}, indent=1))
+
+    bar = tqdm(total=cfg.turns, desc=f"{persona.name}/{cfg.method}", unit="turn", disable=not progress)
+    try:
+        evaluate(0)
+        bar.set_postfix(all_pass=f"{curve[-1].all_pass:.2f}", v=engine.version)
+        session, turn = 0, 0
+        while turn < cfg.turns:
+            session += 1
+            task = user.next_task()
+            learner.new_session()
+            messages = [{"role": "system", "content": learner.system_prompt()}, {"role": "user", "content": task.prompt}]
+            rewrites, first_turn = 0, None
+            while turn < cfg.turns:
+                turn += 1
+                t0 = time.perf_counter()
+                reply = engine.generate(messages, GenParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                                            seed=cfg.seed * 100003 + turn))
+                serve_s = time.perf_counter() - t0
+                reaction = user.react(task, reply.text, rewrites)
+                tid, j, judge_s, wait = learner.after_turn(messages, reply, reaction.text)
+                turns.append(TurnRecord(
+                    turn, session, task.prompt.splitlines()[0][:80], first_turn, reply.version,
+                    len(reply.text.split()), reply.finish_reason, reaction.score.score, reaction.score.all_pass,
+                    " ".join(reaction.score.failed), reaction.kind, reaction.intended, reaction.text,
+                    None if j is None else int(j["reward"]), None if j is None else j.get("hint"),
+                    serve_s, judge_s if j is not None else None, wait, tid))
+                first_turn = first_turn or turn
+                bar.update(1)
+                if turn % cfg.eval_every == 0 or turn == cfg.turns:
+                    evaluate(turn)
+                    bar.set_postfix(all_pass=f"{curve[-1].all_pass:.2f}", v=engine.version)
+                if not reaction.rewrite:
+                    break
+                rewrites += 1
+                messages = messages + [{"role": "assistant", "content": reply.text},
+                                       {"role": "user", "content": reaction.text}]
+    finally:
+        bar.close()
+        learner.close()
+    report = rep.build_report(persona, cfg, turns, curve, time.perf_counter() - t_start, engine.version,
+                              learner.system_prompt() if cfg.method == "memory" else None)
+    rep.write_outputs(run_dir, report, turns, curve)
+    return report
+
+
+def config_dict(cfg: ReplayConfig) -> dict:
+    return asdict(cfg)
