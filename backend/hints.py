@@ -37,7 +37,7 @@ from backend.judge.data import TRAIN_PATH, files_hash, load_bank
 from backend.judge.encoder import split_sentences
 
 HINT_MIN_CHARS = 10   # the paper drops hints of 10 characters or less
-HINT_VERSION = "hint-v1"
+HINT_VERSION = "hint-v2"
 
 # Leading interjections and evaluative openers that carry no instruction.
 _LEAD = re.compile(
@@ -116,9 +116,12 @@ class CPUHintExtractor:
         for row in load_bank(self.train_path):
             keys = row.get("keys") or []
             directive = row["label"] == -1 and bool(keys)
-            for s in split_sentences(row["next"]):
-                sents.append(s)
-                y.append(int(directive and _has_key(s, keys)))
+            parts = split_sentences(row["next"])
+            marked = [directive and _has_key(s, keys) for s in parts]
+            if directive and not any(marked):   # keys paraphrase the directive: every sentence counts
+                marked = [True] * len(parts)
+            sents += parts
+            y += [int(m) for m in marked]
         word = TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True).fit(sents)
         char = TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2).fit(sents)
         model = {"word": word, "char": char}
