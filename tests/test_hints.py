@@ -1,0 +1,78 @@
+"""Hint extraction: CPU directive detector + normaliser on the real MiniLM, and the paper's
+LLM hint prompt parsing and selection (longest positive hint over 10 characters)."""
+
+from __future__ import annotations
+
+import pytest
+
+import judge_support as js
+from backend.hints import HINT_MIN_CHARS, normalise_hint, parse_hint_vote, select_hint
+from backend.judge.data import HELDOUT_PATH, load_bank
+
+
+@pytest.mark.parametrize("sentence,expected", [
+    ("Can you make it shorter?", "Make it shorter."),
+    ("Too long, can you make it shorter please?", "Make it shorter."),
+    ("No, use Python 3 syntax please", "Use Python 3 syntax."),
+    ("Thanks, but use metric units.", "Use metric units."),
+    ("I asked for Python, not JavaScript.", "Take this correction into account: I asked for Python, not JavaScript."),
+    ("KeyError: 'price' when i run it", "Fix this problem the user hit: KeyError: 'price' when i run it."),
+    ("no", None),                 # nothing left: no hint
+    ("Please do it.", None),      # 10 characters or less: dropped
+])
+def test_normalise_hint(sentence, expected):
+    assert normalise_hint(sentence) == expected
+
+
+def test_directive_messages_yield_hints_that_keep_the_directive():
+    h = js.judge(3).hinter
+    cases = {   # written for this test; in neither bank file
+        "Ugh, that's in Celsius. Give it to me in Fahrenheit.": "Fahrenheit",
+        "The recipe has eggs and I told you I'm allergic to eggs.": "eggs",
+        "ModuleNotFoundError: No module named 'yaml'": "yaml",
+        "Could you drop the intro and go straight to the steps?": "intro",
+    }
+    for msg, key in cases.items():
+        hint = h.extract(msg, reward=-1)
+        assert hint is not None and key.lower() in hint.lower(), (msg, hint)
+        assert len(hint) > HINT_MIN_CHARS
+
+
+def test_evaluative_only_and_positive_messages_give_no_hint():
+    h = js.judge(3).hinter
+    for msg in ["Useless.", "Wow, so helpful. Not.", "Meh.", "That's really not good."]:
+        assert h.extract(msg, reward=-1) is None, msg
+    # A +1 turn is never hinted, even when the next message asks for something new.
+    assert h.extract("Thanks! Now can you make a shorter version for my sister?", reward=1) is None
+
+
+def test_hint_picks_the_directive_sentence():
+    h = js.judge(3).hinter
+    hint = h.extract("Hmm, that was a lot. I live in Canada, so use kilometres instead of miles.", reward=-1)
+    assert hint is not None and "kilometres" in hint and "a lot" not in hint
+
+
+def test_heldout_hint_yield_and_key_words():
+    """Regression guard at the measured level (docs/judge.md): yield >= 0.75, keys kept >= 0.9."""
+    rows = load_bank(HELDOUT_PATH)
+    h = js.judge(3).hinter
+    directive = [r for r in rows if r["label"] == -1 and r.get("keys")]
+    hints = h.extract_batch([r["next"] for r in directive], [-1] * len(directive))
+    got = [(r, x) for r, x in zip(directive, hints) if x]
+    assert len(got) / len(directive) >= 0.75
+    kept = [1 for r, x in got if all(k.lower() in x.lower() for k in r["keys"])]
+    assert len(kept) / len(got) >= 0.9
+    plain = [r["next"] for r in rows if not r.get("keys")]
+    spurious = [x for x in h.extract_batch(plain, [-1] * len(plain)) if x]
+    assert len(spurious) / len(plain) <= 0.1
+
+
+def test_llm_hint_parsing_and_selection():
+    v = parse_hint_vote("The user wants Python.\n[HINT_START]Write the answer in Python 3, not JavaScript.[HINT_END]\n\\boxed{1}")
+    assert v == (1, "Write the answer in Python 3, not JavaScript.")
+    assert parse_hint_vote("no useful hindsight \\boxed{-1}") == (-1, None)
+    assert parse_hint_vote("I am not sure") == (None, None)
+    votes = [(1, "Use Python."), (1, "Answer in Python 3, with type hints."), (-1, "A much longer hint that was voted down"),
+             (None, "Unparseable vote with a long hint text"), (1, "short")]
+    assert select_hint(votes) == "Answer in Python 3, with type hints."
+    assert select_hint([(1, "tiny hint!"), (-1, None)]) is None     # 10 characters: dropped
