@@ -182,23 +182,28 @@ class ChatScreen(Screen):
             except Exception as exc:  # the engine failed: say so, keep the chat usable
                 app.call_from_thread(self._reply_failed, widget, exc)
                 return
-            app.call_from_thread(self._reply_done, widget, reply)
+            try:
+                app.call_from_thread(self._reply_done, widget, reply)
+            except RuntimeError:  # the app already exited: record the turn anyway
+                self.conv.finish(reply)
 
         self.run_worker(work, thread=True, exclusive=False, group="generate")
 
-    def _reply_done(self, widget: ChatMessage, reply) -> None:
-        turn = self.conv.finish(reply)
-        note = "[cancelled]" if reply.finish_reason == "cancelled" else ""
-        widget.finish(reply.text, turn_id=turn["turn_id"], note=note)
-        self.streaming = None
-        self.cancel_event = None
+    async def _reply_done(self, widget: ChatMessage, reply) -> None:
+        turn = self.conv.finish(reply)  # journal first: the turn is safe before anything else
+        if not self.is_attached:  # the app is closing
+            return
         self.refresh_sessions()
+        self.cancel_event = None
+        self.streaming = None
+        note = "[cancelled]" if reply.finish_reason == "cancelled" else ""
+        await widget.finish(reply.text, turn_id=turn["turn_id"], note=note)
         self.post_message(ReplyFinished(turn["turn_id"]))
 
-    def _reply_failed(self, widget: ChatMessage, exc: Exception) -> None:
+    async def _reply_failed(self, widget: ChatMessage, exc: Exception) -> None:
         self.conv.abandon()
-        widget.finish("", note="[failed]")
         self.streaming = None
+        await widget.finish("", note="[failed]")
         self.notify(f"The model failed to reply: {exc}", severity="error")
 
     def action_cancel_reply(self) -> None:
