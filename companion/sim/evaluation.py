@@ -18,7 +18,7 @@ def eval_messages(persona: Persona, system_prompt: str) -> list[list[dict]]:
     return [[{"role": "system", "content": system_prompt}, {"role": "user", "content": t.prompt}] for t in persona.eval_tasks]
 
 
-def run_eval(engine, persona: Persona, system_prompt: str, max_new_tokens: int, batch_size: int = 7) -> EvalResult:
+def run_eval(engine, persona: Persona, system_prompt: str, max_new_tokens: int, batch_size: int = 16) -> EvalResult:
     """Greedy replies to every eval task, scored against the persona."""
     msgs = eval_messages(persona, system_prompt)
     replies: list[str] = []
