@@ -71,8 +71,9 @@ def lora_tensors(model, shape: LlamaShape, dtype: torch.dtype = torch.float32) -
         else:
             pieces = {"mlp.down_proj": (a, b)}
         for mod, (fa, fb) in pieces.items():
-            out[f"{hf}{mod}.lora_A.weight"] = fa.to(dtype).contiguous()
-            out[f"{hf}{mod}.lora_B.weight"] = fb.to(dtype).contiguous()
+            # clone: q/k/v (and gate/up) share A, and safetensors refuses aliased tensors
+            out[f"{hf}{mod}.lora_A.weight"] = fa.to(dtype).clone().contiguous()
+            out[f"{hf}{mod}.lora_B.weight"] = fb.to(dtype).clone().contiguous()
     return out
 
 

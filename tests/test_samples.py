@@ -1,0 +1,63 @@
+"""build_sample: signal filtering, exact reply ids, hinted teacher prompt, truncation."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from backend.samples import HINT_TEMPLATE, SampleConfig, build_sample, hinted_messages
+
+
+@pytest.fixture(scope="module")
+def tok(real_model_dir):
+    return AutoTokenizer.from_pretrained(str(real_model_dir))
+
+
+def _turn(tok, reply_ids=(100, 200, 300, 2)):
+    msgs = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Tell me a fact."}]
+    p = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return {"turn_id": "t1", "client_id": "alice", "messages": msgs, "prompt_ids": list(p), "token_ids": list(reply_ids),
+            "logprobs": [-0.5] * len(reply_ids), "policy_version": 3, "next_message": "ok", "feedback": None}
+
+
+def test_no_signal_turns_are_skipped(tok):
+    assert build_sample(_turn(tok), 0, None, tok) is None
+    assert build_sample(_turn(tok), 0, "   ", tok) is None
+    assert build_sample(_turn(tok, reply_ids=()), 1, None, tok) is None
+
+
+def test_sample_keeps_the_exact_sampled_ids_and_metadata(tok):
+    turn = _turn(tok)
+    s = build_sample(turn, -1, None, tok)
+    assert s.response_ids == [100, 200, 300, 2]
+    assert s.prompt_ids == turn["prompt_ids"]
+    assert s.rollout_logprobs == [-0.5] * 4
+    assert (s.reward, s.hint, s.teacher_prompt_ids, s.policy_version, s.user) == (-1, None, None, 3, "alice")
+
+
+def test_hint_goes_to_the_last_user_message_of_the_teacher_prompt(tok):
+    turn = _turn(tok)
+    s = build_sample(turn, 0, "Keep it under ten words.", tok)
+    assert s is not None and s.reward == 0
+    text = tok.decode(s.teacher_prompt_ids)
+    assert text.count("[user's hint / instruction]") == 1
+    assert "Tell me a fact." + HINT_TEMPLATE.format(hint="Keep it under ten words.") in text
+    assert "Hi there\n\n[user's hint" not in text  # earlier user turns untouched
+    assert text.rstrip().endswith("assistant")  # generation prompt, reply ids follow
+    assert turn["messages"][-1]["content"] == "Tell me a fact."  # the turn itself is not mutated
+
+
+def test_truncation_and_bad_input(tok):
+    cfg = SampleConfig(max_prompt_tokens=5, max_response_tokens=2)
+    s = build_sample(_turn(tok), 1, None, tok, cfg)
+    assert len(s.prompt_ids) == 5 and s.prompt_ids == _turn(tok)["prompt_ids"][-5:]
+    assert s.response_ids == [100, 200] and s.rollout_logprobs == [-0.5, -0.5]
+    with pytest.raises(ValueError):
+        build_sample(_turn(tok), 2, None, tok)
+    with pytest.raises(ValueError):
+        hinted_messages([{"role": "system", "content": "x"}], "hint")
+    from companion.errors import UserError
+
+    with pytest.raises(UserError):
+        SampleConfig(hint_template="no placeholder")

@@ -1,0 +1,231 @@
+"""Trainer on a tiny random Llama (TP=1, in-process): learning directions, deltas, resume, guard, config."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from backend.delta import pack, save_peft_adapter, unpack
+from backend.samples import Sample
+from backend.trainer import Trainer, TrainerConfig
+from backend.trainer.tp_check import fixed_samples, full_logits
+from companion.errors import UserError
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+QUIET = dict(repetition_guard=False, kl_coef=0.0, entropy_floor=0.0, lora_rank=4, epochs=1)
+
+
+def cfg(**kw) -> TrainerConfig:
+    return TrainerConfig(**{**QUIET, **kw})
+
+
+def mean_logp(tr: Trainer, s: Sample) -> float:
+    return tr.score([s])[0]
+
+
+def prompt_ids(tr: Trainer, text: str = "What is the capital of France?") -> list[int]:
+    return tr.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+
+
+def rewarded(tr: Trainer, reward: int) -> Sample:
+    s = fixed_samples(tr.tokenizer)[0]
+    return Sample(s.turn_id, s.user, s.prompt_ids, s.response_ids, None, reward, None, None, 0)
+
+
+def test_binary_rl_pushes_rewarded_up_and_punished_down(tiny_model_dir):
+    tr = Trainer(cfg(lr=3e-3), model_path=tiny_model_dir)
+    up, down = fixed_samples(tr.tokenizer)
+    up = Sample(**{**up.to_dict(), "reward": 1})
+    down = Sample(**{**down.to_dict(), "reward": -1, "hint": None, "teacher_prompt_ids": None})
+    before = tr.score([up, down])
+    for _ in range(3):
+        rep = tr.update([up, down])
+    after = tr.score([up, down])
+    assert after[0] > before[0] + 0.05
+    assert after[1] < before[1] - 0.05
+    assert rep.version == 3 and rep.accepted and rep.n_samples == 2
+    assert rep.n_tokens == len(up.response_ids) + len(down.response_ids)
+
+
+def test_opd_moves_the_policy_toward_the_hinted_teacher(tiny_model_dir):
+    tr = Trainer(cfg(lr=3e-4, teacher="base", w_rl=0.0), model_path=tiny_model_dir)
+    s = fixed_samples(tr.tokenizer)[1]  # reward -1 with a hint; w_rl=0 isolates OPD
+    pairs = [(s.prompt_ids, s.response_ids)]
+    teacher, _, _ = tr._score([(s.teacher_prompt_ids, s.response_ids)])
+    old, _, _ = tr._score(pairs)
+    rep = tr.update([s])
+    new, _, _ = tr._score(pairs)
+    adv = teacher - old
+    assert float(adv.abs().mean()) > 1e-3
+    # tokens the teacher prefers went up, the others down: positive alignment of the change with A_t
+    assert float(((new - old) * adv).sum()) > 0
+    assert float((teacher - new).abs().mean()) < float(adv.abs().mean())
+    assert rep.n_hinted == 1 and rep.opd_adv_mean == pytest.approx(float(adv.mean()), abs=1e-5)
+
+
+def test_topk_opd_follows_the_teacher_distribution(tiny_model_dir):
+    from backend.trainer import loss as L
+
+    tr = Trainer(cfg(lr=3e-3, teacher="base", w_rl=0.0, opd_topk=8), model_path=tiny_model_dir)
+    s = fixed_samples(tr.tokenizer)[1]
+    with torch.no_grad():
+        t_logits, _ = tr._reply_logits([(s.teacher_prompt_ids, s.response_ids)])
+        t_lp, t_idx = L.topk_global(t_logits, 8)
+
+        def student_topk():
+            logits, _ = tr._reply_logits([(s.prompt_ids, s.response_ids)])
+            return L.gather_logp(logits, L.log_normalizer(logits), t_idx)
+
+        old = student_topk()
+    tr.update([s])
+    new = student_topk()
+    w = torch.softmax(t_lp, -1)
+    adv = (t_lp - old).clamp(-2, 2)
+    assert float((w * adv * (new - old)).sum()) > 0
+
+
+def test_combined_reward_centering_shrinks_constant_punishment(tiny_model_dir):
+    tr = Trainer(cfg(lr=1e-3, baseline_momentum=0.5), model_path=tiny_model_dir)
+    bad = rewarded(tr, -1)
+    first = tr.update([bad, bad])
+    second = tr.update([bad, bad])
+    third = tr.update([bad, bad])
+    assert first.rl_adv_mean == pytest.approx(-1.0)
+    assert second.baseline == pytest.approx(-0.75) and second.rl_adv_mean == pytest.approx(-0.25)
+    assert abs(third.rl_adv_mean) < abs(second.rl_adv_mean)
+
+
+def test_kl_anchor_starts_at_zero_and_is_reported(tiny_model_dir):
+    tr = Trainer(cfg(lr=1e-2, kl_coef=0.1, epochs=2, minibatch_size=1), model_path=tiny_model_dir)
+    s = rewarded(tr, 1)
+    r1 = tr.update([s])
+    r2 = tr.update([s])
+    assert r1.kl is not None and 0 <= r1.kl < r2.kl  # LoRA B starts at zero: policy == base
+
+
+def test_train_serve_gap_compares_serving_logprobs(tiny_model_dir):
+    tr = Trainer(cfg(), model_path=tiny_model_dir)
+    s = rewarded(tr, 1)
+    lp, _, _ = tr._score([(s.prompt_ids, s.response_ids)])
+    exact = Sample(**{**s.to_dict(), "rollout_logprobs": lp.tolist()})
+    shifted = Sample(**{**s.to_dict(), "rollout_logprobs": (lp - 0.5).tolist()})
+    assert tr.update([exact]).train_serve_gap < 1e-5
+    assert tr.update([shifted]).train_serve_gap > 0.3  # the policy moved a bit since, so not exactly 0.5
+    assert tr.update([s]).train_serve_gap is None
+
+
+def test_lora_delta_in_hf_reproduces_megatron_logits(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tr = Trainer(cfg(lr=2e-2, delta_dtype="fp32"), model_path=tiny_model_dir)
+    tr.update(fixed_samples(tr.tokenizer))
+    ids = prompt_ids(tr)
+    ref = full_logits(tr, ids)
+    delta = tr.export_delta()
+    assert (delta.version, delta.base_version, delta.format) == (1, 0, "lora")
+    assert delta.meta["base_fingerprint"] == tr.fingerprint
+    header, payload = pack(delta)
+    delta = unpack(header, payload)  # sha256 verified
+    names = {k.split(".")[-3] for k in delta.tensors}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    folder = save_peft_adapter(delta, tmp_path / "adapter")
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    base = hf(input_ids=torch.tensor([ids])).logits[0].detach()
+    peft_model = PeftModel.from_pretrained(hf, str(folder)).eval()
+    with torch.no_grad():
+        got = peft_model(input_ids=torch.tensor([ids])).logits[0]
+    assert float((ref - base).abs().max()) > 1e-2  # the update changed something visible
+    assert float((got - ref).abs().max()) < 1e-4
+
+
+def test_full_mode_delta_in_hf_reproduces_megatron_logits(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    tr = Trainer(cfg(mode="full", lr=1e-3), model_path=tiny_model_dir)
+    tr.update(fixed_samples(tr.tokenizer))
+    ids = prompt_ids(tr)
+    ref = full_logits(tr, ids)
+    delta = tr.export_delta()
+    assert delta.format == "full" and delta.absolute
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    state = hf.state_dict()
+    assert set(delta.tensors) <= set(state)
+    hf.load_state_dict({**state, **delta.tensors})
+    with torch.no_grad():
+        got = hf(input_ids=torch.tensor([ids])).logits[0]
+    assert float((got - ref).abs().max()) < 1e-4
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    c = TrainerConfig(lr=3e-3, lora_rank=4, guard_tokens=6)  # defaults: KL, entropy floor, guard, 2 epochs
+    a = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path / "a")
+    s1, s2 = fixed_samples(a.tokenizer), [rewarded(a, -1)]
+    a.update(s1)
+    ra = a.update(s2)
+    b = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path / "b")
+    b.update(s1)
+    del b
+    b2 = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path / "b")
+    assert b2.version == 1 and b2.resumed_from == 1
+    rb = b2.update(s2)
+    assert rb.version == ra.version == 2
+    assert rb.loss == ra.loss and rb.baseline == ra.baseline and rb.rep_before == ra.rep_before
+    for n, p in a.trainable.items():
+        assert torch.equal(p, b2.trainable[n]), n
+    assert sorted(x.name for x in (tmp_path / "b").glob("v*")) == ["v000001", "v000002"]
+    assert (tmp_path / "b" / "LATEST").read_text() == "v000002"
+
+
+def test_resume_refuses_a_mismatched_checkpoint(tiny_model_dir, tmp_path):
+    a = Trainer(cfg(), model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+    a.update(fixed_samples(a.tokenizer))
+    with pytest.raises(UserError):
+        Trainer(cfg(mode="full"), model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+
+
+class _LoopingProbe(Trainer):
+    """A trainer whose greedy probe reports a loop after any update (drives the guard's refusal path)."""
+
+    def _repetition(self, prompts):
+        return 0.0 if self.step == 0 else 0.9
+
+
+def test_repetition_guard_refuses_and_restores_exactly(tiny_model_dir, tmp_path):
+    tr = _LoopingProbe(cfg(repetition_guard=True, lr=1e-2), model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+    params = {n: p.detach().clone() for n, p in tr.trainable.items()}
+    opt = copy.deepcopy(tr.optimizer.state_dict())
+    rep = tr.update(fixed_samples(tr.tokenizer))
+    assert not rep.accepted and "repetition" in rep.reason and rep.version == 0 and tr.version == 0
+    assert all(torch.equal(p, params[n]) for n, p in tr.trainable.items())
+    assert tr.optimizer.state_dict()["state"] == opt["state"] and tr.step == 0
+    assert not (tmp_path / "LATEST").exists()
+
+
+def test_greedy_probe_and_repetition_metric(tiny_model_dir):
+    from backend.trainer.trainer import repeated_ngram_fraction
+
+    assert repeated_ngram_fraction([1, 2, 3, 4, 5]) == 0.0
+    assert repeated_ngram_fraction([7, 7, 7, 7, 7, 7]) == pytest.approx(0.75)
+    tr = Trainer(cfg(), model_path=tiny_model_dir)
+    p1, p2 = prompt_ids(tr), prompt_ids(tr, "Hi")
+    batched = tr.greedy([p1, p2], 5)
+    assert batched == [tr.greedy([p1], 5)[0], tr.greedy([p2], 5)[0]]  # left padding is exact
+    hf_next = int(full_logits(tr, p1)[-1].argmax())
+    assert batched[0][0] == hf_next
+
+
+def test_config_and_export_errors(tiny_model_dir):
+    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1)):
+        with pytest.raises(UserError):
+            TrainerConfig(**bad)
+    assert TrainerConfig().learning_rate == 3e-4 and TrainerConfig(mode="full").learning_rate == 1e-5
+    tr = Trainer(cfg(), model_path=tiny_model_dir)
+    with pytest.raises(ValueError):
+        tr.export_delta()
+    assert tr.update([]).accepted is False and tr.version == 0
