@@ -340,18 +340,24 @@ class Pipeline:
         return header, payload
 
     # -- status -------------------------------------------------------------------------------
-    def stats(self) -> dict:
+    def stats(self, user: str | None = None) -> dict:
+        """Queue depths, versions, update times and counters; only ``user``'s when given.
+
+        A backend shared by several people answers each with their own figures
+        (queue depths and busy flags are global and reveal no one's data).
+        """
         with self._buf_lock:
             buffered = {u: len(b) for u, b in self._buffers.items() if b}
-        users = self.store.users()
+        users = [user] if user is not None else self.store.users()
+        mine = (lambda d: {u: v for u, v in d.items() if u == user}) if user is not None else dict
         return {
             "queues": {"judge": self.judge_q.qsize(), "sample": self.sample_q.qsize(),
                        "train": sum(buffered.values())},
             "busy": dict(self.busy),
-            "train_buffers": buffered,
+            "train_buffers": mine(buffered),
             "policy_versions": {u: int(self._trainers[u].version) if u in self._trainers
                                 else int((self.latest_delta(u) or ({"version": 0},))[0]["version"]) for u in users},
-            "last_update_at": dict(self.last_update_at),
-            "stages": self.store.stage_counts(),
-            "counters": self.store.counters(),
+            "last_update_at": mine(self.last_update_at),
+            "stages": self.store.stage_counts(user),
+            "counters": self.store.counters(user),
         }

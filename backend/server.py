@@ -263,10 +263,12 @@ class BackendServer:
             self._conns[ident]["version"] = msg["version"]
             self.store.bump(user, "deltas_applied" if msg["ok"] else "deltas_refused")
         elif t == "status":
-            if msg.get("client_id"):
-                self._user_of(ident, msg["client_id"], curve_user, msg.id)
-            stats = self.pipeline.stats()
-            stats["connections"] = len(self._conns)
+            asker = None
+            if msg.get("client_id") or curve_user:
+                asker = self._user_of(ident, msg.get("client_id"), curve_user, msg.id)
+            # With CURVE (a shared, remote backend) each person sees only their own figures.
+            stats = self.pipeline.stats(user=asker if self._auth is not None else None)
+            stats["connections"] = len(self._conns) if self._auth is None else None
             stats["time"] = time.time()
             self._send(ident, P.encode("status", stats=stats))
         else:

@@ -128,6 +128,19 @@ def test_curve_only_listed_clients(tmp_path, tiny_model_dir):
         assert _ask(ctx, ep, server_pub, alice_sec, client_id="bob") == "error:forbidden"  # key is alice's
         assert _ask(ctx, ep, server_pub, mallory_sec) is None  # unknown key: refused at the handshake
         assert _ask(ctx, ep) is None  # no CURVE at all
+        # a shared backend tells each person only their own figures
+        server.store.bump("bob", "turns_received")
+        server.store.bump("alice", "turns_received")
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        K.apply_client_curve(s, server_pub, alice_sec)
+        s.connect(ep)
+        s.send_multipart(P.encode("status", client_id="alice"))
+        assert s.poll(3000)
+        stats = P.decode(s.recv_multipart())["stats"]
+        s.close(0)
+        assert stats["counters"] == {"turns_received": 1}
+        assert set(stats["policy_versions"]) == {"alice"} and stats["connections"] is None
     finally:
         ctx.term()
         server.stop()
