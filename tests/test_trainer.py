@@ -201,10 +201,12 @@ def test_repetition_guard_refuses_and_restores_exactly(tiny_model_dir, tmp_path)
     params = {n: p.detach().clone() for n, p in tr.trainable.items()}
     opt = copy.deepcopy(tr.optimizer.state_dict())
     rep = tr.update(fixed_samples(tr.tokenizer))
-    assert not rep.accepted and "repetition" in rep.reason and rep.version == 0 and tr.version == 0
+    # refused: weights and optimizer restored exactly, published as a new (unchanged) version
+    assert not rep.accepted and "repetition" in rep.reason and rep.version == 1 and tr.version == 1
     assert all(torch.equal(p, params[n]) for n, p in tr.trainable.items())
     assert tr.optimizer.state_dict()["state"] == opt["state"] and tr.step == 0
-    assert not (tmp_path / "LATEST").exists()
+    assert (tmp_path / "LATEST").read_text() == "v000001"
+    assert all(float(t.abs().max()) == 0 for k, t in tr.export_delta().tensors.items() if "lora_B" in k)
 
 
 def test_greedy_probe_and_repetition_metric(tiny_model_dir):

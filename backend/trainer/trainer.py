@@ -7,8 +7,10 @@ Contract (the team interface):
   every rank constructs a Trainer and calls the same methods with the same samples.
 - ``update(samples)`` runs ``cfg.epochs`` PPO epochs over the batch, then, unless
   the repetition guard refuses it, increments ``version`` and checkpoints it
-  *before* returning an :class:`UpdateReport`. A refused update restores weights
-  and optimizer state exactly and leaves ``version`` unchanged (``accepted=False``).
+  *before* returning an :class:`UpdateReport`. An update the repetition guard
+  refuses restores weights and optimizer state exactly and is still published as a
+  new version (same weights as the previous one, ``accepted=False``), so every
+  ``update()`` yields one checkpointed version and callers need no special case.
 - ``export_delta()`` returns the current version as a :class:`backend.delta.Delta`
   (LoRA: absolute HF PEFT adapter; full: every weight in HF naming).
 
@@ -426,11 +428,10 @@ class Trainer:
                 self.step -= len(losses)
                 report.update(accepted=False, reason=f"repetition guard: greedy repeat {rep_after:.2f} > {cfg.guard_max_repeat}",
                               step=self.step)
-                report["seconds"] = time.perf_counter() - t0
-                return report
-        if guard_prompts:
-            self._probe_rep = report["rep_after"]
-        self._update_baseline(samples)
+            else:
+                self._probe_rep = rep_after
+        if report["accepted"]:
+            self._update_baseline(samples)
         self.version += 1
         report["version"] = self.version
         self._save()
