@@ -31,9 +31,14 @@ def register(sub, common) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed: task order, reactions, sampling (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest reply in tokens (default 160)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per policy update (default 4)")
-    p.add_argument("--judge", default="embedding", help="judge: embedding (CPU default) or llm (needs --judge-endpoint)")
+    p.add_argument("--judge", default="embedding", help="judge for backend.judge.load_judge (default embedding, the CPU judge; the llm judge needs an endpoint the replay backend does not pass yet)")
     p.add_argument("--judge-m", type=int, default=3, help="judge votes per turn (default 3)")
     p.add_argument("--trainer", metavar="JSON", default="{}", help="extra TrainerConfig fields as JSON, e.g. '{\"lr\": 5e-4}'")
+    g = p.add_argument_group("LLM roles (optional, any OpenAI-compatible endpoint)")
+    g.add_argument("--llm-endpoint", metavar="URL", help="e.g. http://localhost:30000/v1")
+    g.add_argument("--llm-model", default="default", help="model name sent to the endpoint")
+    g.add_argument("--llm-user", action="store_true", help="an LLM words the simulated person's messages")
+    g.add_argument("--llm-rater", action="store_true", help="an LLM also rates eval replies on 0-1 in steps of 0.25")
     p.add_argument("--no-sync", action="store_true", help="let the loops run free (product timing, not reproducible)")
     p.add_argument("--out", default="runs", help="folder for run outputs (default ./runs)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for serving (default 1; the backend uses 1)")
@@ -57,6 +62,15 @@ def _run(args) -> int:
         assert isinstance(overrides, dict)
     except (ValueError, AssertionError):
         raise UserError("--trainer must be a JSON object, e.g. '{\"lr\": 5e-4}'.") from None
+    chat = None
+    if args.llm_user or args.llm_rater:
+        if not args.llm_endpoint:
+            raise UserError("--llm-user and --llm-rater need --llm-endpoint URL.")
+        import os
+
+        from companion.sim.llm import ChatEndpoint
+
+        chat = ChatEndpoint(args.llm_endpoint, args.llm_model, api_key=os.environ.get("OPENAI_API_KEY"))
     methods = [args.method] if args.compare is None else (args.compare or list(METHODS))
     reports = {}
     for method in methods:
@@ -64,8 +78,12 @@ def _run(args) -> int:
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sync=not args.no_sync,
                            judge=args.judge, judge_m=args.judge_m, threads=args.threads, trainer_overrides=overrides)
         run_dir = make_run_dir(Path(args.out), persona.name, method)
+        from companion.sim.llm import LLMPersonaUser, LLMRater
+
         r = run_replay(persona, cfg, run_dir, model_path=model_path, system_prompt=settings.system_prompt,
-                       dtype=settings.dtype, model=settings.model, progress=not args.quiet)
+                       dtype=settings.dtype, model=settings.model, progress=not args.quiet,
+                       user=LLMPersonaUser(persona, args.seed, chat) if args.llm_user else None,
+                       rater=LLMRater(chat) if args.llm_rater else None)
         reports[method] = r
         print(f"{persona.name}/{method}: score {r['base_score']:.3f} -> {r['final_score']:.3f}, "
               f"all-pass {r['base_all_pass']:.3f} -> {r['final_all_pass']:.3f}, "

@@ -105,6 +105,7 @@ class EvalPoint:
     distinct4: float
     per_pref: dict
     seconds: float
+    llm_rating: float | None = None  # mean LLM rating of the eval replies (only with an LLM rater)
 
 
 # ------------------------------------------------------------------ learners
@@ -281,7 +282,8 @@ def make_run_dir(out: Path, persona: str, method: str) -> Path:
 
 
 def run_replay(persona: Persona, cfg: ReplayConfig, run_dir: Path, *, model_path: Path, system_prompt: str,
-               dtype: str = "bf16", model: str | None = None, progress: bool = True, engine=None) -> dict:
+               dtype: str = "bf16", model: str | None = None, progress: bool = True, engine=None,
+               user: SimulatedUser | None = None, rater=None) -> dict:
     """Run one replay; writes report.json, turns.csv, plot.png and summary.md into ``run_dir``."""
     from tqdm import tqdm
 
@@ -293,15 +295,16 @@ def run_replay(persona: Persona, cfg: ReplayConfig, run_dir: Path, *, model_path
     learner_cls = {"none": NoLearner, "memory": MemoryLearner}.get(cfg.method)
     learner = learner_cls(cfg, engine, run_dir, system_prompt) if learner_cls else \
         SystemLearner(cfg, engine, run_dir, system_prompt, model=model)
-    user = SimulatedUser(persona, seed=cfg.seed)
+    user = user or SimulatedUser(persona, seed=cfg.seed)
     turns: list[TurnRecord] = []
     curve: list[EvalPoint] = []
 
     def evaluate(turn: int) -> None:
         t0 = time.perf_counter()
         res = run_eval(engine, persona, learner.system_prompt(), cfg.max_new_tokens)
+        rating = rater.rate_all(persona, res.replies) if rater is not None else None
         curve.append(EvalPoint(turn, engine.version, res.score, res.all_pass, res.distinct4, res.per_pref,
-                               time.perf_counter() - t0))
+                               time.perf_counter() - t0, rating))
         (run_dir / "eval_replies").mkdir(exist_ok=True)
         (run_dir / "eval_replies" / f"turn{turn:03d}.json").write_text(json.dumps(
             {"turn": turn, "version": engine.version, "replies": res.replies,
