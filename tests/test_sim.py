@@ -104,8 +104,8 @@ def test_replay_none_is_reproducible_and_writes_every_output(tmp_path, tiny_mode
     evals = {t.prompt.splitlines()[0][:80] for t in persona.eval_tasks}
     assert not evals & {r["task"] for r in rows}  # eval prompts are never training turns
     assert rep["judged_turns"] == 6 and rep["judge_agreement"] is not None
-    assert rep["curve"] == rep2["curve"] or all(
-        a["score"] == b["score"] for a, b in zip(rep["curve"], rep2["curve"]))
+    strip = lambda c: [(p["turn"], p["score"], p["all_pass"], p["distinct4"]) for p in c]  # noqa: E731
+    assert strip(rep["curve"]) == strip(rep2["curve"])
 
 
 def test_memory_baseline_puts_judge_hints_in_the_system_prompt(tmp_path, tiny_model_dir):
