@@ -65,15 +65,20 @@ def run(args) -> int:
     if args.json:
         print(to_json(rows))
         return 0
+    console = Console()
+    wide = console.width >= 140  # reply and next message only when they fit; --json has everything
     table = Table(title=f"{len(rows)} turn{'s' if len(rows) != 1 else ''}", show_lines=False)
-    for col in ("time", "session", "#", "prompt", "reply", "next message", "reward", "votes", "hint", "version", "you"):
+    cols = ["time", "session", "#", "prompt"] + (["reply", "next message"] if wide else []) + [
+        "reward", "votes", "hint", "version", "you"]
+    for col in cols:
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])), shorten(r["session"], 16),
-            str(r["index"]), shorten(r["prompt"], 40), shorten(r["reply"], 40), shorten(r["next_message"] or "-", 40),
-            fmt_reward(r["reward"]), fmt_votes(r["votes"]), shorten(r["hint"] or "-", 40), f"v{r['policy_version']}",
-            {1: "good", -1: "bad"}.get(r["feedback"], ""),
-        )
-    Console().print(table)
+        cells = [time.strftime("%m-%d %H:%M", time.localtime(r["created_at"])), shorten(r["session"], 16),
+                 str(r["index"]), shorten(r["prompt"], 40)]
+        if wide:
+            cells += [shorten(r["reply"], 40), shorten(r["next_message"] or "-", 40)]
+        cells += [fmt_reward(r["reward"]), fmt_votes(r["votes"]), shorten(r["hint"] or "-", 40),
+                  f"v{r['policy_version']}", {1: "good", -1: "bad"}.get(r["feedback"], "")]
+        table.add_row(*cells)
+    console.print(table)
     return 0
