@@ -58,6 +58,7 @@ class TrainerConfig:
     )
     delta_dtype: str = _help("Dtype of exported LoRA factors: 'bf16' (half size) or 'fp32' (exact).", default="bf16")
     tp: int = _help("Tensor-parallel degree (world size under torchrun).", default=1)
+    threads: int = _help("Torch threads for training; 0 leaves the process setting alone (share cores with serving).", default=0)
     seed: int = _help("Seed for adapter init and megatron's RNG tracker.", default=1234)
     keep_checkpoints: int = _help("How many versions to keep on disk (the newest ones).", default=3)
     max_tokens: int = _help("Longest prompt+reply sequence trained on (longer samples keep their tail).", default=2048)
@@ -81,6 +82,7 @@ class TrainerConfig:
             (self.dtype in ("bf16", "fp32"), "dtype must be 'bf16' or 'fp32'."),
             (self.delta_dtype in ("bf16", "fp32"), "delta_dtype must be 'bf16' or 'fp32'."),
             (self.tp >= 1, "tp must be at least 1."),
+            (self.threads >= 0, "threads must be 0 (unchanged) or positive."),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1."),
             (self.max_tokens >= 8, "max_tokens must be at least 8."),
         ]

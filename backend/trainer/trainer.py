@@ -69,6 +69,8 @@ class Trainer:
             model_path = resolve_model_path(load_settings())
         self.model_path = Path(model_path)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         init_parallel(cfg.tp, cfg.seed)
         self.rank, self.tp = tp_rank(), tp_size()
         self.shape = LlamaShape.from_folder(self.model_path)
