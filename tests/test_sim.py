@@ -141,3 +141,23 @@ def test_cli_simulate_reports_user_errors():
     res = subprocess.run([sys.executable, "-m", "companion.cli", "simulate", "--turns", "0"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2 and "--turns" in res.stderr
+
+
+def test_a_dead_backend_is_one_clear_error(tmp_path, tiny_model_dir):
+    from companion.engine.local import GenParams, LocalEngine
+    from companion.errors import UserError
+    from companion.sim.replay import SystemLearner
+
+    engine = LocalEngine(tiny_model_dir, dtype="fp32", threads=1)
+    cfg = ReplayConfig(method="combined", batch_size=2, wait_timeout_s=60)
+    learner = SystemLearner(cfg, engine, tmp_path, "You are a helpful assistant.", model=str(tiny_model_dir))
+    try:
+        learner.new_session()
+        msgs = [{"role": "user", "content": "hi"}]
+        reply = engine.generate(msgs, GenParams(max_new_tokens=4, seed=0))
+        learner.backend.proc.kill()  # what the out-of-memory killer does
+        learner.backend.proc.wait()
+        with pytest.raises(UserError, match="backend exited"):
+            learner.after_turn(msgs, reply, "way too long, keep it brief")
+    finally:
+        learner.close()

@@ -203,6 +203,12 @@ class SystemLearner:
         with self._cv:
             self._cv.notify_all()
 
+    def _check_backend(self) -> None:
+        code = self.backend.proc.poll()
+        if code is not None:
+            raise UserError(f"the replay's backend exited (code {code}, -9 is usually the out-of-memory killer); "
+                            "see backend.log in the run folder.")
+
     def system_prompt(self) -> str:
         return self.base_prompt
 
@@ -219,8 +225,12 @@ class SystemLearner:
         if not self.cfg.sync:
             with self._cv:
                 return tid, self._judgments.get(tid), 0.0, 0.0
+        deadline = time.time() + self.cfg.wait_timeout_s
         with self._cv:
-            ok = self._cv.wait_for(lambda: tid in self._judgments, timeout=self.cfg.wait_timeout_s)
+            while tid not in self._judgments and time.time() < deadline:
+                self._check_backend()
+                self._cv.wait(timeout=1.0)
+            ok = tid in self._judgments
         if not ok:
             raise UserError(f"no judgment from the backend within {self.cfg.wait_timeout_s:.0f} s; see backend.log.")
         judge_s = time.perf_counter() - t0
@@ -242,6 +252,7 @@ class SystemLearner:
                 self._cv.wait(timeout=1.0)
             if self.engine.version > start_version:
                 break
+            self._check_backend()
             st = self.link.request_status(timeout=2.0) or {}
             pipe = st.get("pipeline", st)
             busy = (pipe.get("busy") or {}).get("train")
