@@ -193,7 +193,14 @@ class _LoopingProbe(Trainer):
     """A trainer whose greedy probe reports a loop after any update (drives the guard's refusal path)."""
 
     def _repetition(self, prompts):
-        return 0.0 if self.step == 0 else 0.9
+        return (0.0, 20.0) if self.step == 0 else (0.9, 20.0)
+
+
+class _ShrinkingProbe(Trainer):
+    """A trainer whose greedy probe replies collapse to 2 tokens after any update."""
+
+    def _repetition(self, prompts):
+        return (0.0, 20.0) if self.step == 0 else (0.0, 2.0)
 
 
 def test_repetition_guard_refuses_and_restores_exactly(tiny_model_dir, tmp_path):
@@ -207,6 +214,15 @@ def test_repetition_guard_refuses_and_restores_exactly(tiny_model_dir, tmp_path)
     assert tr.optimizer.state_dict()["state"] == opt["state"] and tr.step == 0
     assert (tmp_path / "LATEST").read_text() == "v000001"
     assert all(float(t.abs().max()) == 0 for k, t in tr.export_delta().tensors.items() if "lora_B" in k)
+
+
+def test_length_guard_refuses_a_collapse_to_empty_replies(tiny_model_dir):
+    tr = _ShrinkingProbe(cfg(repetition_guard=True, lr=1e-2), model_path=tiny_model_dir)
+    params = {n: p.detach().clone() for n, p in tr.trainable.items()}
+    rep = tr.update(fixed_samples(tr.tokenizer))
+    assert not rep.accepted and "length" in rep.reason and (rep.len_before, rep.len_after) == (20.0, 2.0)
+    assert all(torch.equal(p, params[n]) for n, p in tr.trainable.items())
+    assert tr.baseline == 0.0  # a refused batch does not move the reward baseline either
 
 
 def test_greedy_probe_and_repetition_metric(tiny_model_dir):

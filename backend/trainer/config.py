@@ -51,6 +51,7 @@ class TrainerConfig:
     guard_prompts: int = _help("Probe prompts for the repetition guard (taken from the batch).", default=2)
     guard_tokens: int = _help("Greedy tokens generated per probe prompt.", default=24)
     guard_max_repeat: float = _help("Refuse when the repeated-3-gram fraction exceeds this and got worse.", default=0.5)
+    guard_min_len_ratio: float = _help("Refuse when the mean greedy probe length falls below this share of the previous version's (0 = off).", default=0.5)
     dtype: str = _help(
         "Training compute: 'fp32' (default: this CPU has no native bf16 GEMM, bf16 measured ~7x slower) "
         "or 'bf16' autocast (fp32 master weights and fp32 vocabulary projection; for GPUs / AMX CPUs).",
@@ -83,6 +84,7 @@ class TrainerConfig:
             (self.delta_dtype in ("bf16", "fp32"), "delta_dtype must be 'bf16' or 'fp32'."),
             (self.tp >= 1, "tp must be at least 1."),
             (self.threads >= 0, "threads must be 0 (unchanged) or positive."),
+            (0 <= self.guard_min_len_ratio < 1, "guard_min_len_ratio must be in [0, 1)."),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1."),
             (self.max_tokens >= 8, "max_tokens must be at least 8."),
         ]

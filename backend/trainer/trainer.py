@@ -105,7 +105,7 @@ class Trainer:
         self.fingerprint = model_fingerprint(self.model_path)
         self.resumed_from: int | None = None
         self._probe_prompts: list[list[int]] = []
-        self._probe_rep: float | None = None
+        self._probe_rep: tuple[float, float] | None = None  # (repeat share, length) of the serving version
         if self.checkpoint_dir is not None:
             self._resume()
 
@@ -250,9 +250,11 @@ class Trainer:
                 break
         return out
 
-    def _repetition(self, prompts) -> float:
+    def _repetition(self, prompts) -> tuple[float, float]:
+        """(mean repeated-3-gram share, mean length) of greedy replies to the probe prompts."""
         replies = self.greedy(prompts, self.cfg.guard_tokens)
-        return sum(repeated_ngram_fraction(r) for r in replies) / max(1, len(replies))
+        n = max(1, len(replies))
+        return sum(repeated_ngram_fraction(r) for r in replies) / n, sum(len(r) for r in replies) / n
 
     # ---- the update -----------------------------------------------------------------------------
 
@@ -371,7 +373,7 @@ class Trainer:
         guard_prompts = self._probe_prompts if cfg.repetition_guard else []
         if guard_prompts and self._probe_rep is None:
             self._probe_rep = self._repetition(guard_prompts)
-        rep_before = self._probe_rep if guard_prompts else None
+        rep_before, len_before = self._probe_rep if guard_prompts else (None, None)
         snapshot = None
         if guard_prompts:
             snapshot = ({n: p.detach().clone() for n, p in self.trainable.items()},
@@ -417,21 +419,27 @@ class Trainer:
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
             grad_norm=max(norms), baseline=self.baseline if cfg.baseline == "ema" else 0.0,
-            rl_adv_mean=rl_mean, opd_adv_mean=opd_mean, rep_before=rep_before, rep_after=None, step=self.step,
+            rl_adv_mean=rl_mean, opd_adv_mean=opd_mean, rep_before=rep_before, rep_after=None,
+            len_before=len_before, len_after=None, step=self.step,
         )
         if guard_prompts:
-            rep_after = self._repetition(guard_prompts)
-            report["rep_after"] = rep_after
-            if rep_after > cfg.guard_max_repeat and rep_after > rep_before + 0.1:
+            rep_after, len_after = self._repetition(guard_prompts)
+            report.update(rep_after=rep_after, len_after=len_after)
+            looping = rep_after > cfg.guard_max_repeat and rep_after > rep_before + 0.1
+            # Measured collapse mode under constant -1 rewards: greedy replies shrink to nothing
+            # (docs/trainer.md). Gradual shortening passes; halving in one update does not.
+            shrinking = len_after < cfg.guard_min_len_ratio * len_before
+            if looping or shrinking:
                 with torch.no_grad():
                     for n, p in self.trainable.items():
                         p.copy_(snapshot[0][n])
                 self.optimizer.load_state_dict(snapshot[1])
                 self.step -= len(losses)
-                report.update(accepted=False, reason=f"repetition guard: greedy repeat {rep_after:.2f} > {cfg.guard_max_repeat}",
-                              step=self.step)
+                why = (f"greedy repeat {rep_after:.2f} > {cfg.guard_max_repeat}" if looping
+                       else f"greedy length {len_after:.1f} < {cfg.guard_min_len_ratio} x {len_before:.1f}")
+                report.update(accepted=False, reason=f"repetition guard: {why}", step=self.step)
             else:
-                self._probe_rep = rep_after
+                self._probe_rep = (rep_after, len_after)
         if report["accepted"]:
             self._update_baseline(samples)
         self.version += 1
@@ -497,5 +505,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.version, self.step = state["version"], state["step"]
         self.baseline, self.n_rewards = state["baseline"], state["n_rewards"]
-        self._probe_prompts, self._probe_rep = state.get("probe_prompts") or [], state.get("probe_rep")
+        self._probe_prompts = state.get("probe_prompts") or []
+        self._probe_rep = tuple(state["probe_rep"]) if state.get("probe_rep") else None
         self.resumed_from = self.version
