@@ -263,10 +263,13 @@ def test_real_delta_applied_to_the_engine_is_announced(engine, journal):
             new_version = engine.version + 1
             tensors = {"model.layers.0.self_attn.q_proj.weight": w.detach().clone()}  # same values: replies unchanged
             delta = Delta(version=new_version, base_version=engine.version, format="full", tensors=tensors, meta={})
-            journal.record_version(new_version, {"n_samples": 2})
+            await send(pilot, "hi")
+            tid = journal.turns()[0]["turn_id"]
+            journal.record_judgment(tid, -1, [-1, -1, -1], "Say hello back.", "test")
+            journal.record_version(new_version, {"n_samples": 2, "turn_ids": [tid]})
             engine.apply_delta(delta)
             await wait_for(pilot, lambda: f"policy v{new_version}" in status_text(app))
-            assert app.notices == [f"Now serving v{new_version}, learned from 2 turns"]
+            assert app.notices == [f"Now serving v{new_version}, learned from 2 turns, hints: Say hello back."]
 
     try:
         asyncio.run(run())

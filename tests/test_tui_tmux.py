@@ -48,17 +48,21 @@ def test_companion_chat_in_tmux(tmp_path):
     subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-s", target, "-x", "110", "-y", "30", cmd], check=True,
                    env={**os.environ, "TERM": "xterm-256color"})
     try:
+        t0 = time.time()
         _wait_screen(sock, target, lambda s: "Message (Enter to send" in s, timeout=90)
+        print(f"app ready after {time.time() - t0:.1f} s")
         subprocess.run(["tmux", "-L", sock, "send-keys", "-t", target, "hello there", "Enter"], check=True)
         screen = _wait_screen(sock, target, lambda s: "Assistant" in s and "1 turn" in s, timeout=60)
         assert "You" in screen and "hello there" in screen  # the message list
         assert "learning off" in screen and "policy v0" in screen  # the status panel
         assert "Correct this" in screen  # the footer's feedback keys
+        print(f"reply shown after {time.time() - t0:.1f} s")
         subprocess.run(["tmux", "-L", sock, "send-keys", "-t", target, "C-q"], check=True)
         end = time.time() + 30
         while time.time() < end and subprocess.run(["tmux", "-L", sock, "has-session", "-t", target],
                                                    capture_output=True).returncode == 0:
             time.sleep(0.2)
+        print(f"exited after {time.time() - t0:.1f} s")
     finally:
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
     j = Journal(tmp_path / "companion.db")

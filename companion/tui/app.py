@@ -100,9 +100,11 @@ class CompanionApp(App):
     def _learned_from(self) -> dict:
         if self.journal is None:
             return {}
+        from companion.tui.data import with_hints
+
         for v in reversed(self.journal.versions()):
             if v["version"] == self.engine.version:
-                return v.get("learned_from") or {}
+                return with_hints(self.journal, v.get("learned_from"))
         return {}
 
     # ------------------------------------------------------------ actions

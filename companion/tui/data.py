@@ -117,3 +117,24 @@ def fmt_reward(r) -> str:
 
 def to_json(rows) -> str:
     return json.dumps(rows, indent=2, ensure_ascii=False, default=str)
+
+
+def with_hints(journal, learned_from: dict | None) -> dict:
+    """``learned_from`` plus ``hints``: the hints of its turns as the journal knows them.
+
+    The backend's summary lists the trained turn ids; the hints come from the
+    judgments this journal received, so the notice can say *what* was learned.
+    """
+    out = dict(learned_from or {})
+    if out.get("hints") or journal is None:
+        return out
+    hints = []
+    for tid in out.get("turn_ids") or []:
+        try:
+            h = journal.turn(tid).get("hint")
+        except Exception:  # a turn deleted locally: nothing to show for it
+            continue
+        if h and h not in hints:
+            hints.append(h)
+    out["hints"] = hints
+    return out

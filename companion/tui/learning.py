@@ -93,11 +93,13 @@ class LearningHandle:
         self.feed.put({"kind": "judgment", **data})
 
     def _on_version(self, version: int) -> None:
+        from companion.tui.data import with_hints
+
         learned = {}
         for v in self.journal.versions():
             if v["version"] == version:
                 learned = v.get("learned_from") or {}
-        self.feed.put({"kind": "version", "version": int(version), "learned_from": learned})
+        self.feed.put({"kind": "version", "version": int(version), "learned_from": with_hints(self.journal, learned)})
 
     def stop(self) -> None:
         self._stop.set()
