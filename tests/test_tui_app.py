@@ -84,6 +84,8 @@ def test_type_prompt_streamed_reply_feedback_and_correction(engine, journal):
 
             await pilot.press("ctrl+y")
             assert app.copied == expected.text
+            await pilot.double_click(app.chat.query(ChatMessage).first())  # any message: double-click copies it
+            assert app.copied == "hello there"
 
             await pilot.press("ctrl+r")  # correct this: pre-filled directive
             prompt = app.chat.query_one(PromptInput)

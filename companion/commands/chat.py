@@ -41,6 +41,8 @@ def build_session(args):
     if args.backend and not args.backend.startswith(("tcp://", "ipc://")):
         raise UserError(f"--backend {args.backend}: expected an endpoint like tcp://host:5555.")
     path = resolve_model_path(settings)
+    # Importing torch/transformers and loading weights takes seconds: say so before the screen stays blank.
+    print(f"companion: loading {path.name} ...", file=sys.stderr, flush=True)
     from companion.engine.local import GenParams, LocalEngine
     from companion.journal import Journal
 

@@ -88,5 +88,12 @@ class ChatMessage(Vertical):
         self.renders += 1
         await self.query_one(".body", Markdown).update(text or "*(empty reply)*")
 
+    def on_click(self, event) -> None:
+        """Double-click copies this message (any message, not only the last reply)."""
+        if getattr(event, "chain", 1) >= 2 and self.text:
+            self.app.copy_to_clipboard(self.text)
+            self.app.copied = self.text
+            self.notify("Message copied")
+
     def set_badge(self, badge: str) -> None:
         self.query_one(".role", Label).update(self._label(badge))
