@@ -193,7 +193,11 @@ def test_history_prefs_and_turn_detail_screens(engine, journal):
             assert len(app.screen.rows) == 2
             await pilot.press("r")  # +1 only
             assert app.screen.rows == []
+            journal.record_judgment(t1, 1, [1, 1, 1], None, "test")  # what the link does before its callback
+            app.feed.put({"kind": "judgment", "turn_id": t1, "reward": 1, "votes": [1, 1, 1], "hint": None})
+            await wait_for(pilot, lambda: [r["turn_id"] for r in app.screen.rows] == [t1])  # refreshed by itself
             await pilot.press("r")  # 0
+            assert app.screen.rows == []
             await pilot.press("r")  # -1
             assert [r["turn_id"] for r in app.screen.rows] == [t0]
             await pilot.press("enter")

@@ -96,6 +96,9 @@ class CompanionApp(App):
                 self.notify(notice, title="New policy version", timeout=6)
         if chat is not None:
             chat.show_status()
+        # Judgments and versions change what history and preferences show: refresh the one in view.
+        if any(e.get("kind") in ("judgment", "version") for e in events) and hasattr(self.screen, "reload"):
+            self.screen.reload()
 
     def _learned_from(self) -> dict:
         if self.journal is None:
