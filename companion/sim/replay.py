@@ -321,6 +321,7 @@ def run_replay(persona: Persona, cfg: ReplayConfig, run_dir: Path, *, model_path
             {"turn": turn, "version": engine.version, "replies": res.replies,
              "failed": [s.failed for s in res.scores]}, indent=1))
 
+    interrupted = False
     bar = tqdm(total=cfg.turns, desc=f"{persona.name}/{cfg.method}", unit="turn", disable=not progress)
     try:
         evaluate(0)
@@ -356,12 +357,21 @@ def run_replay(persona: Persona, cfg: ReplayConfig, run_dir: Path, *, model_path
                 rewrites += 1
                 messages = messages + [{"role": "assistant", "content": reply.text},
                                        {"role": "user", "content": reaction.text}]
+    except KeyboardInterrupt:
+        interrupted = True  # Ctrl-C: keep what was measured, then stop
+    else:
+        interrupted = False
     finally:
         bar.close()
         learner.close()
+    if not curve:
+        raise KeyboardInterrupt
     report = rep.build_report(persona, cfg, turns, curve, time.perf_counter() - t_start, engine.version,
                               learner.system_prompt() if cfg.method == "memory" else None)
+    report["interrupted"] = interrupted
     rep.write_outputs(run_dir, report, turns, curve)
+    if interrupted:
+        raise KeyboardInterrupt
     return report
 
 

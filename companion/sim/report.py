@@ -120,6 +120,7 @@ def summary_md(r: dict) -> str:
     lines = [
         f"# Replay: {r['persona']} / {r['method']}{label}",
         "",
+        ("**interrupted**: figures cover the turns run so far\n\n" if r.get("interrupted") else "") +
         f"seed {r['seed']}, {r['turns']} turns, final policy version {r['final_version']}, wall {r['wall_s']:.0f} s",
         "",
         "| | base | final |",
