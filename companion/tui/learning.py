@@ -64,7 +64,10 @@ class LearningHandle:
                 log_file.parent.mkdir(parents=True, exist_ok=True)
                 self.backend = start_local_backend(self.settings, extra_args=self.backend_args, log_file=log_file)
                 endpoint = self.backend.endpoint
-            if self._stop.is_set():
+            if self._stop.is_set():  # the person quit while the backend was starting
+                if self.backend is not None:
+                    self.backend.stop()
+                    self.backend = None
                 return
             self.link = Link(self.journal, endpoint, engine=self.engine)
             self.link.on_judgment.append(self._on_judgment)
