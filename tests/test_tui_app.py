@@ -229,6 +229,7 @@ def test_sessions_sidebar_new_rename_delete_and_palette(engine, journal):
             await send(pilot, "two")
             sessions = app.chat.query_one(SessionList)
             assert [item.name for item in sessions.children] == [app.chat.conv.session_id, first]
+            assert [s["title"] for s in journal.sessions()] == ["two", "one"]  # named after the first message
 
             app.chat.action_rename_session()
             await pilot.pause()

@@ -102,6 +102,9 @@ class Conversation:
         }
         if self.store:
             if self.session_id is None:
+                if self.title == "New chat":  # name the session after its first message, like chat apps do
+                    first = next((m["content"] for m in self.messages if m["role"] == "user"), "")
+                    self.title = " ".join(first.split())[:40] or self.title
                 self.session_id = self.store.new_session(self.title)
                 self.client_id = self.store.client_id
             turn["session_id"], turn["client_id"] = self.session_id, self.client_id
