@@ -19,6 +19,7 @@ import threading
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, ListView
 
@@ -32,6 +33,14 @@ from companion.tui.widgets.session_list import SessionList
 from companion.tui.widgets.status_panel import StatusPanel
 
 FEEDBACK_BADGE = {1: "[you: good]", -1: "[you: bad]", None: ""}
+
+
+class ReplyFinished(Message):
+    """Posted when a reply is complete and recorded (tests and the app wait on it)."""
+
+    def __init__(self, turn_id: str) -> None:
+        super().__init__()
+        self.turn_id = turn_id
 
 
 class ChatScreen(Screen):
@@ -244,14 +253,3 @@ class ChatScreen(Screen):
         self.app.copy_to_clipboard(last.text)
         self.app.copied = last.text
         self.notify("Reply copied")
-
-
-from textual.message import Message  # noqa: E402  (kept next to its only use)
-
-
-class ReplyFinished(Message):
-    """Posted when a reply is complete and recorded (tests and the app wait on it)."""
-
-    def __init__(self, turn_id: str) -> None:
-        super().__init__()
-        self.turn_id = turn_id

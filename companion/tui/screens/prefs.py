@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from textual.app import ComposeResult
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label
 
@@ -19,6 +20,14 @@ from companion.tui import keymap
 from companion.tui.data import learned_preferences, version_stats
 from companion.tui.status import shorten
 from companion.tui.widgets.version_chart import VersionChart
+
+
+class PrefsShown(Message):
+    """Posted when the preference groups are on screen (tests wait on it)."""
+
+    def __init__(self, n_groups: int) -> None:
+        super().__init__()
+        self.n_groups = n_groups
 
 
 class PrefsScreen(Screen):
@@ -75,12 +84,3 @@ class PrefsScreen(Screen):
             if groups else "No hints learned yet: correct a reply (Ctrl+R) or just say what you wanted."
         )
         self.post_message(PrefsShown(len(groups)))
-
-
-from textual.message import Message  # noqa: E402
-
-
-class PrefsShown(Message):
-    def __init__(self, n_groups: int) -> None:
-        super().__init__()
-        self.n_groups = n_groups
