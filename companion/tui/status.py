@@ -67,7 +67,8 @@ def version_notice(version: int, learned_from: dict | None) -> str:
     info = learned_from or {}
     parts = []
     if info.get("n_samples"):
-        parts.append(f"{info['n_samples']} turns")
+        n = info["n_samples"]
+        parts.append(f"{n} turn{'s' if n != 1 else ''}")
     hints = [h for h in info.get("hints") or [] if h]
     if hints:
         parts.append("hints: " + "; ".join(shorten(h, 40) for h in hints[:2]) + (" …" if len(hints) > 2 else ""))
