@@ -7,7 +7,9 @@ and deterministically (greedy decoding of fixed random weights).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +28,7 @@ def tiny_model_dir() -> Path:
 
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="companion-tiny-"))
+    atexit.register(shutil.rmtree, out, True)  # ~13 MB per test process: do not leave it behind
     tok = AutoTokenizer.from_pretrained(str(resolve_model_path(load_settings())))
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
