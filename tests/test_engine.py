@@ -188,3 +188,18 @@ def test_real_model_streams_a_sensible_answer(real_model_dir):
     assert "Paris" in reply.text
     assert len(pieces) > 1 and "".join(pieces) == reply.text
     assert reply.finish_reason in ("eos", "length") and all(lp <= 0 for lp in reply.logprobs)
+
+
+def test_bf16_lora_delta_is_the_merge_rounded_once(tiny_model_dir):
+    eng = LocalEngine(tiny_model_dir, dtype="bf16")
+    base = eng.model.model.layers[0].mlp.down_proj.weight.detach().float().clone()
+    delta = random_lora(eng, version=1)
+    a, b = delta.lora_pairs()["model.layers.0.mlp.down_proj"]
+    expected = (base + delta.lora_scaling * (b @ a)).to(torch.bfloat16)
+    eng.apply_delta(delta)
+    w = eng.model.model.layers[0].mlp.down_proj.weight
+    # equal up to one bf16 ulp (addmm may round its fp32 sum differently from mm + add)
+    assert w.dtype == torch.bfloat16 and torch.allclose(w.float(), expected.float(), rtol=2**-7, atol=1e-9)
+    eng.apply_delta(random_lora(eng, version=2, seed=3))
+    eng.apply_delta(random_lora(eng, version=3, seed=0))  # back to the first adapter: no drift
+    assert torch.equal(eng.model.model.layers[0].mlp.down_proj.weight, w)
