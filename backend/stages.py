@@ -23,6 +23,10 @@ from typing import Any
 
 from backend.loops import Stages
 
+# The learning methods of the paper as trainer weights: binary RL, OPD, or both.
+METHOD_WEIGHTS = {"combined": {"w_rl": 1.0, "w_opd": 1.0}, "binary": {"w_rl": 1.0, "w_opd": 0.0},
+                  "opd": {"w_rl": 0.0, "w_opd": 1.0}}
+
 
 def default_stages(model_path: Path, fingerprint: str = "", judge_name: str = "embedding", judge_m: int = 3,
                    trainer_overrides: dict | None = None) -> Stages:

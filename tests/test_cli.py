@@ -77,3 +77,11 @@ def test_settings_validation_is_one_sentence(tmp_path: Path):
     cfg.write_text("colour = 3\n")
     res = run_cli("model", "info", env={"COMPANION_CONFIG": str(cfg)})
     assert res.returncode == 2 and "unknown setting 'colour'" in res.stderr
+
+
+def test_backend_rejects_bad_trainer_overrides_in_one_sentence(tmp_path: Path):
+    res = run_cli("backend", "--bind", f"ipc://{tmp_path}/b.sock", "--trainer-json", "{lr: 3}")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("companion: error: --trainer-json is not valid JSON")
+    res = run_cli("backend", "--bind", f"ipc://{tmp_path}/b.sock", "--method", "telepathy")
+    assert res.returncode == 2 and "invalid choice: 'telepathy'" in res.stderr

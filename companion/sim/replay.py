@@ -6,7 +6,7 @@ One run (:func:`run_replay`):
 - the simulated person (:class:`companion.sim.user.SimulatedUser`) answers it;
 - learning methods ``combined | binary | opd``: each turn goes into the journal
   (:class:`companion.journal.Journal`), over the link (:class:`companion.link.Link`) to a
-  real backend child process (:mod:`companion.sim.backend_proc`: real judge, real
+  real backend child process (``companion backend`` via :func:`companion.link.start_local_backend`: real judge, real
   megatron Trainer), judgments and deltas come back and the link applies the deltas to
   the engine;
 - ``memory`` (a labelled *baseline*, not the product): the real judge runs in-process and
@@ -171,18 +171,23 @@ class SystemLearner:
 
     def __init__(self, cfg: ReplayConfig, engine, run_dir: Path, system_prompt: str, model: str | None = None) -> None:
         from companion.journal import Journal
-        from companion.link import Link
-        from companion.sim import backend_proc
+        from companion.config import load_settings
+        from companion.link import Link, start_local_backend
 
         self.cfg, self.engine, self.base_prompt = cfg, engine, system_prompt
         self.label = cfg.method
         sock_dir = Path(f"/tmp/companion-replay-{uuid.uuid4().hex[:8]}")
         sock_dir.mkdir(mode=0o700)
         self._sock_dir = sock_dir
-        self.backend = backend_proc.start(f"ipc://{sock_dir}/backend.sock", run_dir / "backend", cfg.method,
-                                          model=model, batch_size=cfg.batch_size, judge=cfg.judge,
-                                          judge_m=cfg.judge_m, trainer_overrides=cfg.trainer_overrides,
-                                          log_file=run_dir / "backend.log")
+        # `companion backend` as a child (state in <run_dir>/backend), full batches only so a
+        # seeded replay trains on the same turns every time.
+        settings = load_settings(model=model, data_dir=run_dir)
+        self.backend = start_local_backend(
+            settings,
+            extra_args=["--method", cfg.method, "--batch-size", str(cfg.batch_size), "--judge", cfg.judge,
+                        "--judge-m", str(cfg.judge_m), "--trainer-json", json.dumps(cfg.trainer_overrides or {}),
+                        "--train-after", "0"],
+            endpoint=f"ipc://{sock_dir}/backend.sock", log_file=run_dir / "backend.log", ready_timeout=180.0)
         self.journal = Journal(run_dir / "companion.db", client_id=f"replay-{cfg.method}-{cfg.seed}")
         self.link = Link(self.journal, self.backend.endpoint, engine=engine)
         self._judgments: dict[str, dict] = {}
