@@ -24,6 +24,7 @@ loop calls the model's own forward, so the model code stays the library's.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,27 +105,22 @@ class ReplyStream:
         self.cancel_event.set()
 
     def __iter__(self) -> Iterator[str]:
-        pieces: list[str] = []
-        done = threading.Event()
+        pieces: queue.Queue = queue.Queue()
+        done = object()
 
         def run() -> None:
             try:
                 self.result = self._engine.generate(
-                    self._messages, self._params, on_token=pieces.append, cancel=self.cancel_event
+                    self._messages, self._params, on_token=pieces.put, cancel=self.cancel_event
                 )
             finally:
-                done.set()
+                pieces.put(done)
 
         # Generation runs in a worker so the consumer can stop iterating early and cancel.
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        sent = 0
-        while not done.is_set() or sent < len(pieces):
-            if sent < len(pieces):
-                sent += 1
-                yield pieces[sent - 1]
-            else:
-                done.wait(0.005)
+        while (piece := pieces.get()) is not done:
+            yield piece
         worker.join()
 
 
@@ -157,8 +153,8 @@ class LocalEngine:
         self._lock = threading.Lock()
         # fp32 copies of the base weights touched by LoRA deltas: W = base + scale * B @ A is
         # recomputed from these, so rounding never accumulates across versions.
-        self._scratch: dict[torch.Size, torch.Tensor] = {}
         self._lora_base: dict[str, torch.Tensor] = {}
+        self._scratch: dict[torch.Size, torch.Tensor] = {}  # fp32 merge buffers, one per weight shape
         self._params = dict(self.model.named_parameters())
         self.delta_history: list[dict] = []
 
