@@ -39,9 +39,11 @@ from backend.judge.encoder import split_sentences
 HINT_MIN_CHARS = 10   # the paper drops hints of 10 characters or less
 HINT_VERSION = "hint-v2"
 
-# Leading interjections and evaluative openers that carry no instruction.
+# Leading interjections and evaluative openers that carry no instruction. A bare "no" is
+# an interjection only when punctuation follows ("No, use Python"); otherwise it is the
+# instruction's own negation ("No bullet points") and stripping it would invert the hint.
 _LEAD = re.compile(
-    r"^(?:(?:no+|nope|nah|na|ugh|hmm+|ok(?:ay)?|well|sorry|bro|dude|actually|wait|thanks|thank you|thx|ty|"
+    r"^(?:(?:no+(?=\s*(?:[,.!:;-]|$))|nope|nah|na|ugh|hmm+|ok(?:ay)?|well|sorry|bro|dude|actually|wait|thanks|thank you|thx|ty|"
     r"great|nice|cool|good try|almost|haha|lol|meh|yes|yeah|sure|alright|i appreciate it|looks good|sounds fun|"
     r"nice ideas|sweet of you|that's a good summary|i'm afraid|forgive me|with respect|regrettably)\b[\s,.!:;-]*)+"
     r"(?:but\s+)?", re.I)

@@ -76,3 +76,15 @@ def test_llm_hint_parsing_and_selection():
              (None, "Unparseable vote with a long hint text"), (1, "short")]
     assert select_hint(votes) == "Answer in Python 3, with type hints."
     assert select_hint([(1, "tiny hint!"), (-1, None)]) is None     # 10 characters: dropped
+
+
+def test_normalising_keeps_a_negated_instruction_negated():
+    from backend.hints import normalise_hint
+
+    # "no" followed by the thing to avoid is the instruction itself, never an interjection
+    assert normalise_hint("no lists or bold stuff please") == "No lists or bold stuff."
+    assert normalise_hint("No bullet points.") == "No bullet points."
+    assert normalise_hint("no more jargon") == "No more jargon."
+    # "no," / "No." before the instruction is an interjection and goes
+    assert normalise_hint("no, use python instead") == "Use python instead."
+    assert normalise_hint("No. Use metric units instead") == "Use metric units instead."
