@@ -236,6 +236,12 @@ def test_greedy_probe_and_repetition_metric(tiny_model_dir):
     assert batched == [tr.greedy([p1], 5)[0], tr.greedy([p2], 5)[0]]  # left padding is exact
     hf_next = int(full_logits(tr, p1)[-1].argmax())
     assert batched[0][0] == hf_next
+    # the guard's KV-cached greedy gives the same tokens as the full recompute, also with a trained adapter
+    assert tr.greedy_cached([p1, p2], 5) == batched
+    with torch.no_grad():
+        for p in tr.trainable.values():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert tr.greedy_cached([p1, p2], 8) == tr.greedy([p1, p2], 8)
 
 
 def test_config_and_export_errors(tiny_model_dir):

@@ -250,9 +250,71 @@ class Trainer:
                 break
         return out
 
+    @torch.no_grad()
+    def _cached_step(self, ids: list[int], cache: list, start: int) -> torch.Tensor:
+        """Run tokens ``ids`` at positions start.. through the model, appending to the per-layer KV
+        ``cache``; returns the vocab-parallel logits of the last position [1, 1, v/tp] (fp32).
+        The same megatron modules (so TP and LoRA hooks apply) with a KV cache around attention."""
+        import torch.nn.functional as F
+        from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+        m = self.model
+        n = len(ids)
+        x = torch.tensor(ids).unsqueeze(0)  # [1, n]
+        pos = torch.arange(start, start + n).unsqueeze(0)
+        with self._autocast():
+            h = m.embedding(input_ids=x, position_ids=pos)  # [n, 1, hidden]
+            freqs = m.rotary_pos_emb(start + n)[start:]  # [n, 1, 1, d]
+            for li, layer in enumerate(m.decoder.layers):
+                att = layer.self_attention
+                q, k, v = att.get_query_key_value_tensors(layer.input_layernorm(h))  # [n, 1, heads, hn]
+                q = apply_rotary_pos_emb(q, freqs, config=att.config)
+                k = apply_rotary_pos_emb(k, freqs, config=att.config)
+                if li == len(cache):
+                    cache.append((k, v))
+                else:
+                    k, v = torch.cat([cache[li][0], k]), torch.cat([cache[li][1], v])
+                    cache[li] = (k, v)
+                rep = q.shape[2] // k.shape[2]
+                qh = q.permute(1, 2, 0, 3)  # [1, np, n, hn]
+                kh = k.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
+                vh = v.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
+                o = F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(), is_causal=n > 1).to(qh.dtype)
+                o = o.permute(2, 0, 1, 3).reshape(n, 1, -1)  # [n, 1, np*hn]
+                out, _ = att.linear_proj(o)
+                h = h + out
+                out, _ = layer.mlp(layer.pre_mlp_layernorm(h))
+                h = h + out
+            h = m.decoder.final_layernorm(h[-1:])
+            w = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
+            logits, _ = m.output_layer(h, weight=w)  # [1, 1, v/tp] (fp32, see _fp32_output_layer)
+        return logits.float()
+
+    @torch.no_grad()
+    def greedy_cached(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy replies with a KV cache (one prompt at a time): what :meth:`greedy` computes,
+        one prefill + one single-token forward per new token instead of a full recompute."""
+        out: list[list[int]] = []
+        for prompt in prompts:
+            prompt = list(prompt)[-(self.cfg.max_tokens - max_new_tokens) :]
+            cache: list = []
+            logits = self._cached_step(prompt, cache, 0)
+            reply: list[int] = []
+            for _ in range(max_new_tokens):
+                _, nxt = L.topk_global(logits, 1)
+                t = int(nxt[0, 0, 0])
+                if t == self.eos_id:
+                    break
+                reply.append(t)
+                if len(reply) == max_new_tokens:
+                    break
+                logits = self._cached_step([t], cache, len(prompt) + len(reply) - 1)
+            out.append(reply)
+        return out
+
     def _repetition(self, prompts) -> tuple[float, float]:
         """(mean repeated-3-gram share, mean length) of greedy replies to the probe prompts."""
-        replies = self.greedy(prompts, self.cfg.guard_tokens)
+        replies = self.greedy_cached(prompts, self.cfg.guard_tokens)
         n = max(1, len(replies))
         return sum(repeated_ngram_fraction(r) for r in replies) / n, sum(len(r) for r in replies) / n
 
@@ -321,7 +383,15 @@ class Trainer:
         hinted = [i for i, s in enumerate(samples) if s.teacher_prompt_ids is not None]
         use_opd = bool(hinted) and cfg.w_opd > 0
         # --- fixed quantities for this update: old / teacher / base log-probs
-        old_lp, old_k, _ = self._score(pairs)
+        # The first minibatch of the first epoch runs on exactly the weights the old log-probs are
+        # defined on, so its (grad-enabled) forward doubles as their scoring pass: one forward of
+        # that minibatch saved per update (the whole old-log-prob pass at the default batch size).
+        mb = cfg.minibatch_size
+        first_logits, first_tgt = self._reply_logits(pairs[:mb])
+        first_lp, first_ent = L.token_logp(first_logits, first_tgt, with_entropy=True)
+        old_lp = first_lp[0].detach()
+        if len(pairs) > mb:
+            old_lp = torch.cat([old_lp, self._score(pairs[mb:])[0]])
         lens = [min(len(s.response_ids), cfg.max_tokens - 1) for s in samples]
         offs = [sum(lens[:i]) for i in range(len(lens))]
         n_tok = sum(lens)
@@ -350,7 +420,7 @@ class Trainer:
                     old_topk = torch.zeros(n_tok, cfg.opd_topk)
                     mb = cfg.minibatch_size
                     for a in range(0, len(samples), mb):
-                        logits, _ = self._reply_logits(pairs[a : a + mb])
+                        logits = first_logits.detach() if a == 0 else self._reply_logits(pairs[a : a + mb])[0]
                         s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
                         logz = L.log_normalizer(logits)
                         old_topk[s0:s1] = L.gather_logp(logits, logz, ti[s0:s1].unsqueeze(0))[0]
@@ -380,13 +450,16 @@ class Trainer:
                         copy.deepcopy(self.optimizer.state_dict()))
         # --- PPO epochs
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
-        mb = cfg.minibatch_size
         for _epoch in range(cfg.epochs):
             for a in range(0, len(samples), mb):
                 s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
-                logits, tgt = self._reply_logits(pairs[a : a + mb])
                 need_ent = cfg.entropy_floor > 0 and cfg.entropy_coef > 0
-                lp, ent = L.token_logp(logits, tgt, with_entropy=True)  # entropy is also reported
+                if _epoch == 0 and a == 0:  # the forward already run for the old log-probs
+                    logits, tgt, lp, ent = first_logits, first_tgt, first_lp, first_ent
+                    first_logits = first_lp = first_ent = None
+                else:
+                    logits, tgt = self._reply_logits(pairs[a : a + mb])
+                    lp, ent = L.token_logp(logits, tgt, with_entropy=True)  # entropy is also reported
                 lp, ent = lp[0], ent[0]  # [n]
                 mask = torch.ones_like(lp)
                 loss, cf = L.ppo_loss(lp, old_lp[s0:s1], adv[s0:s1], mask, cfg.eps_low, cfg.eps_high)
