@@ -2,7 +2,7 @@
 
 Figures (all in one run; samples of 256 tokens, 128 prompt + 128 reply):
 - one update (1 epoch, one optimizer step, old log-probs included, guard and KL off so
-  only the learning step is timed): LoRA and full on a batch of 4, LoRA on 1 sample
+  only the learning step is timed; the guard's greedy probe is timed on its own, ``guard_probe_s``): LoRA and full on a batch of 4, LoRA on 1 sample
   (the issue's <= 1.0 s target), LoRA bf16 autocast on 1 sample (full bf16 with a flag);
 - the baseline measured here too: the same LoRA PPO step with HF transformers + peft on
   the 1-sample batch, i.e. what the trainer replaces;
@@ -111,6 +111,13 @@ def main() -> None:
     tr = Trainer(TrainerConfig(**quiet), model_path=path)
     res["lora_1x256_step_s"] = timed_update(tr, one)
     print(f"megatron LoRA update fp32 (1 x 256):    {res['lora_1x256_step_s']:.2f} s")
+    # The repetition guard's cost, separately: one KV-cached greedy probe (2 prompts x 24 tokens).
+    guard_prompts = [s.prompt_ids for s in batch[:2]]
+    tr.greedy_cached(guard_prompts, tr.cfg.guard_tokens)
+    t = time.perf_counter()
+    tr.greedy_cached(guard_prompts, tr.cfg.guard_tokens)
+    res["guard_probe_s"] = time.perf_counter() - t
+    print(f"repetition-guard probe (2 x 24 tokens): {res['guard_probe_s']:.2f} s")
     res["lora_step_s"] = timed_update(tr, batch, repeats=1)
     print(f"megatron LoRA update fp32 (batch 4):    {res['lora_step_s']:.2f} s")
     for ddt in ("bf16", "fp32"):

@@ -441,8 +441,11 @@ class Trainer:
         if cfg.repetition_guard and not self._probe_prompts:
             self._probe_prompts = [list(s.prompt_ids) for s in samples[: cfg.guard_prompts]]
         guard_prompts = self._probe_prompts if cfg.repetition_guard else []
+        guard_s = 0.0  # the repetition guard's greedy probes, reported separately (``guard_s``)
         if guard_prompts and self._probe_rep is None:
+            tg = time.perf_counter()
             self._probe_rep = self._repetition(guard_prompts)
+            guard_s += time.perf_counter() - tg
         rep_before, len_before = self._probe_rep if guard_prompts else (None, None)
         snapshot = None
         if guard_prompts:
@@ -496,7 +499,9 @@ class Trainer:
             len_before=len_before, len_after=None, step=self.step,
         )
         if guard_prompts:
+            tg = time.perf_counter()
             rep_after, len_after = self._repetition(guard_prompts)
+            guard_s += time.perf_counter() - tg
             report.update(rep_after=rep_after, len_after=len_after)
             looping = rep_after > cfg.guard_max_repeat and rep_after > rep_before + 0.1
             # Measured collapse mode under constant -1 rewards: greedy replies shrink to nothing
@@ -519,6 +524,7 @@ class Trainer:
         report["version"] = self.version
         self._save()
         report["seconds"] = time.perf_counter() - t0
+        report["guard_s"] = guard_s
         return report
 
     # ---- deltas and checkpoints -----------------------------------------------------------------
