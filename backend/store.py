@@ -35,13 +35,11 @@ Invariants
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Iterable
 
-import sqlite_utils
+from companion.db import open_wal_database
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS turns (
@@ -65,14 +63,7 @@ CREATE TABLE IF NOT EXISTS counters (
 class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self.db = sqlite_utils.Database(conn)
-        self._lock = threading.RLock()
-        with self._lock:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_DDL)
+        self.db, self._lock = open_wal_database(path, _DDL)
 
     def close(self) -> None:
         with self._lock:

@@ -57,16 +57,13 @@ Invariants
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import sqlite_utils
-
+from companion.db import open_wal_database
 from companion.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -149,19 +146,9 @@ class Journal:
 
     def __init__(self, path: str | Path, client_id: str | None = None) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection shared by the UI thread and the link thread, serialized by a lock;
-        # WAL lets other processes (datasette, reports) read while we write.
-        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30, isolation_level=None)
-        self.db = sqlite_utils.Database(conn)
-        self._lock = threading.RLock()
+        # One connection shared by the UI thread and the link thread, serialized by the lock.
+        self.db, self._lock = open_wal_database(path, _DDL, foreign_keys=True)
         with self._lock:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a process crash (only power loss may drop the last commit).
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.conn.executescript(_DDL)
             meta = {r["key"]: r["value"] for r in self.db["meta"].rows}
             if "client_id" not in meta:
                 self.db["meta"].insert_all(
