@@ -184,11 +184,10 @@ _HINT_BLOCK = re.compile(r"\[HINT_START\](.*?)\[HINT_END\]", re.S)
 
 
 def hint_messages(context: list[dict], reply: str, next_message: str) -> list[dict]:
-    last_user = next((m["content"] for m in reversed(context or []) if m.get("role") == "user"), "")
-    user = (f"User request at turn t:\n{last_user}\n\nAssistant response at turn t:\n{reply}\n\n"
-            f"Next state (user's next message at turn t+1):\n{next_message}\n\n"
-            "Does the next state contain useful hindsight for improving the response?")
-    return [{"role": "system", "content": HINT_SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    from backend.judge.llm import turn_prompt
+
+    return turn_prompt(HINT_SYSTEM_PROMPT, context, reply, next_message,
+                       "Does the next state contain useful hindsight for improving the response?")
 
 
 def parse_hint_vote(text: str) -> tuple[int | None, str | None]:

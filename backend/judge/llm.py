@@ -50,12 +50,18 @@ def parse_boxed(text: str, allowed: tuple[int, ...] = (-1, 0, 1)) -> int | None:
     return v if v in allowed else None
 
 
-def judge_messages(context: list[dict], reply: str, next_message: str) -> list[dict]:
+def turn_prompt(system: str, context: list[dict], reply: str, next_message: str, question: str) -> list[dict]:
+    """The paper's prompt layout shared by the judge and the hint extractor: the last user
+    request, the reply, the next state, then ``question``."""
     last_user = next((m["content"] for m in reversed(context or []) if m.get("role") == "user"), "")
     user = (f"User request at turn t:\n{last_user}\n\nAssistant response at turn t:\n{reply}\n\n"
-            f"Next state (user's next message at turn t+1):\n{next_message}\n\n"
-            "How good was the assistant's response at turn t?")
-    return [{"role": "system", "content": JUDGE_SYSTEM_PROMPT}, {"role": "user", "content": user}]
+            f"Next state (user's next message at turn t+1):\n{next_message}\n\n{question}")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def judge_messages(context: list[dict], reply: str, next_message: str) -> list[dict]:
+    return turn_prompt(JUDGE_SYSTEM_PROMPT, context, reply, next_message,
+                       "How good was the assistant's response at turn t?")
 
 
 class ChatClient:

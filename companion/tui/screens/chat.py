@@ -113,11 +113,15 @@ class ChatScreen(Screen):
         if self.streaming is not None:
             self.notify("A reply is streaming; press Esc first.", severity="warning")
             return
+        await self._fresh_conversation()
+        self.refresh_sessions()
+        self.notify("New chat")
+
+    async def _fresh_conversation(self) -> None:
+        """End the current conversation (its last turn becomes sendable) and start an empty one."""
         self.conv.end()
         self.conv = self.app.new_conversation()
         await self.query_one(MessageList).clear()
-        self.refresh_sessions()
-        self.notify("New chat")
 
     def _target_session(self) -> str | None:
         sessions = self.query_one(SessionList)
@@ -150,9 +154,7 @@ class ChatScreen(Screen):
             if self.streaming is not None:
                 self.notify("A reply is streaming; press Esc first.", severity="warning")
                 return
-            self.conv.end()
-            self.conv = self.app.new_conversation()
-            await self.query_one(MessageList).clear()
+            await self._fresh_conversation()
         self.app.journal.delete_session(sid)
         self.refresh_sessions()
         self.notify("Session deleted")
