@@ -15,17 +15,9 @@ from companion.engine.local import LocalEngine
 from companion.journal import Journal
 from companion.link import Link, LinkConfig
 from companion.models import model_fingerprint
+from waiting import wait_for
 
 FAST = LinkConfig(ack_timeout_s=0.3, heartbeat_s=0.2, dead_after_s=0.8, max_backoff_s=1.0)
-
-
-def wait_for(cond, timeout=30.0, step=0.02):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return False
 
 
 def make_server(tmp_path, model_dir, name="backend", batch_size=2, **kw):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import time
 
 from safetensors import safe_open
 
@@ -13,18 +12,10 @@ from backend.loops import user_dir_name
 from companion.config import load_settings
 from companion.journal import Journal
 from companion.link import Link, LinkConfig, start_local_backend
+from waiting import wait_for
 
 FAST = LinkConfig(ack_timeout_s=0.3, heartbeat_s=0.2, dead_after_s=0.8, max_backoff_s=1.0)
 ARGS = ["--stages", "tiny", "--batch-size", "5", "--train-after", "0", "--max-staleness", "1000", "--tiny-slow", "1.0"]
-
-
-def wait_for(cond, timeout=60.0, step=0.05):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return False
 
 
 def backend_rows(db_path, sql):

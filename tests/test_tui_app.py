@@ -10,6 +10,7 @@ import time
 import pytest
 
 import tui_support as ts
+from waiting import pilot_wait_for
 from companion.engine.local import GenParams
 from companion.journal import Journal
 from companion.tui.app import CompanionApp
@@ -38,11 +39,7 @@ def journal(tmp_path):
 
 
 async def wait_for(pilot, cond, timeout=20.0):
-    for _ in range(int(timeout / 0.02)):
-        if cond():
-            return
-        await pilot.pause(0.02)
-    raise AssertionError("condition not reached in time")
+    await pilot_wait_for(pilot, cond, timeout)
 
 
 async def send(pilot, text):

@@ -11,6 +11,7 @@ import asyncio
 import pytest
 
 import tui_support as ts
+from waiting import pilot_wait_for
 from backend.loops import PipelineConfig
 from backend.server import BackendServer, ServerConfig
 from backend.stages import tiny_stages
@@ -26,11 +27,7 @@ from companion.tui.widgets.status_panel import StatusPanel
 
 
 async def wait_for(pilot, cond, timeout=60.0):
-    for _ in range(int(timeout / 0.05)):
-        if cond():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError("condition not reached in time")
+    await pilot_wait_for(pilot, cond, timeout, step=0.05)
 
 
 def test_judgments_and_new_versions_reach_the_screen(tmp_path):
