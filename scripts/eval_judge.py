@@ -1,4 +1,4 @@
-"""Evaluate a judge on the project's held-out follow-ups (backend/data/followups_heldout.jsonl).
+"""Evaluate a judge on the project's held-out follow-ups (default backend/data/followups_heldout2.jsonl).
 
 Prints accuracy, per-class recall, polarity flips (+1 judged -1 or the reverse),
 the confusion matrix, hint figures (share of directive -1 messages that yield a
@@ -8,7 +8,7 @@ Baselines measured in the same run: the majority class, and one word-TF-IDF
 logistic regression (no embeddings) fitted on the same training bank.
 Last line: one JSON object (accuracy, flips, n, latency_ms = batch 16, ...).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/eval_judge.py [--judge embedding|llm] [--m 3] [--endpoint URL]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/eval_judge.py [--heldout v2|v1|PATH] [--judge embedding|llm] [--m 3] [--endpoint URL]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from backend.judge import load_judge
-from backend.judge.data import HELDOUT_PATH, TRAIN_PATH, load_bank
+from backend.judge.data import HELDOUT2_PATH, HELDOUT_PATH, TRAIN_PATH, load_bank
 
 CLASSES = (-1, 0, 1)
 
@@ -65,12 +65,18 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=3)
     ap.add_argument("--endpoint", help="OpenAI-compatible endpoint for --judge llm (…/v1)")
     ap.add_argument("--model-name", default="default", help="model name sent to the endpoint")
-    ap.add_argument("--heldout", default=str(HELDOUT_PATH))
+    ap.add_argument("--heldout", default="v2",
+                    help="held-out JSONL file, or v2 (followups_heldout2.jsonl, never tuned on; default) "
+                         "or v1 (followups_heldout.jsonl, used as a dev set)")
+    ap.add_argument("--show-misses", action=argparse.BooleanOptionalAction, default=None,
+                    help="print every misjudged message (default: yes, except on held-out v2, whose errors "
+                         "are not read while tuning)")
     ap.add_argument("--cache-dir", help="where fitted heads are cached (default: companion's cache dir)")
     args = ap.parse_args()
 
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args.heldout = str({"v1": HELDOUT_PATH, "v2": HELDOUT2_PATH}.get(args.heldout, args.heldout))
     test = load_bank(args.heldout)
     train = load_bank(TRAIN_PATH)
     y = np.array([r["label"] for r in test])
@@ -113,7 +119,8 @@ def main() -> int:
     print(f"hints: {len(hinted)}/{len(directive)} directive -1 messages yield a hint; "
           f"{len(kept)}/{max(1, len(hinted))} hints keep all key words; "
           f"{len(spurious)}/{len(no_directive)} messages without a directive got a hint")
-    for i in np.where(p != y)[0]:
+    show = args.show_misses if args.show_misses is not None else Path(args.heldout).resolve() != HELDOUT2_PATH.resolve()
+    for i in (np.where(p != y)[0] if show else []):
         print(f"  miss: true {y[i]:+d} judged {p[i]:+d}  {test[i]['next']}")
     print(json.dumps({
         "accuracy": main_s["accuracy"], "flips": main_s["flips"], "flip_rate": main_s["flip_rate"], "n": len(test),
@@ -124,6 +131,7 @@ def main() -> int:
         "hint_spurious": round(len(spurious) / max(1, len(no_directive)), 3),
         "baseline_tfidf_accuracy": base_tfidf["accuracy"], "baseline_tfidf_flips": base_tfidf["flips"],
         "baseline_majority_accuracy": base_major["accuracy"], "load_s": round(load_s, 2),
+        "heldout": Path(args.heldout).name,
     }))
     return 0
 
