@@ -116,9 +116,14 @@ def build_gpt_model(shape: LlamaShape, tp: int = 1, params_dtype=torch.float32):
         # Attention softmax in fp32 keeps bf16 log-probs close to fp32.
         attention_softmax_in_fp32=True,
     )
+    from .sdpa_attention import SDPAAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # One fused SDPA kernel instead of the local spec's baddbmm + mask + softmax + bmm (why: sdpa_attention.py).
+    spec.submodules.self_attention.submodules.core_attention = SDPAAttention
     model = GPTModel(
         config=cfg,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=spec,
         vocab_size=shape.vocab,
         max_sequence_length=shape.max_pos,
         pre_process=True,

@@ -45,6 +45,38 @@ def _seed_for(name: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:6], "little")
 
 
+class _SkinnyLinear(torch.autograd.Function):
+    """y = x @ w.T for a LoRA factor (one of w's dims is the rank r), with the weight gradient
+    computed in the orientation whose result has r rows.
+
+    Why: autograd's default for ``B`` [out, r] is ``g.T @ h`` ([out, N] @ [N, r]), which the CPU
+    BLAS runs ~4x slower than ``(h.T @ g).T`` ([r, N] @ [N, out]) on the same data (measured:
+    1.56 ms vs 0.35 ms for out=3072, N=256, r=8); the LoRA weight gradients were ~10% of a
+    LoRA update. Same maths, fp32 only (under autocast the plain ops are used)."""
+
+    @staticmethod
+    def forward(ctx, x, w):  # x [N, in], w [out, in] -> [N, out]
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):  # g [N, out]
+        x, w = ctx.saved_tensors
+        gx = g @ w if ctx.needs_input_grad[0] else None
+        if w.shape[0] <= w.shape[1]:  # w = A [r, in]: [r, N] @ [N, in]
+            gw = g.t() @ x
+        else:  # w = B [out, r]: ([r, N] @ [N, out]).T
+            gw = (x.t() @ g).t().contiguous()
+        return gx, gw
+
+
+def _factor(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ w.T -> [..., out] through :class:`_SkinnyLinear` (fp32) or plain matmul (autocast)."""
+    if torch.is_autocast_enabled(x.device.type) or x.dtype != w.dtype:
+        return x @ w.t()
+    return _SkinnyLinear.apply(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+
+
 def _hook(module: nn.Module, args, output):
     if not module.lora_enabled:
         return output
@@ -56,12 +88,12 @@ def _hook(module: nn.Module, args, output):
     x = args[0]  # [s, b, in(/tp)]
     out, bias = output
     a, b = module.lora_A, module.lora_B
-    h = x @ a.t()  # [s, b, r] (autocast picks bf16 when active)
+    h = _factor(x, a)  # [s, b, r] (autocast picks bf16 when active)
     if module.lora_kind == "col":
         h = copy_to_tensor_model_parallel_region(h)
     else:
         h = reduce_from_tensor_model_parallel_region(h)
-    delta = (h @ b.t()) * module.lora_scale  # [s, b, out(/tp)]
+    delta = _factor(h, b) * module.lora_scale  # [s, b, out(/tp)]
     return out + delta.to(out.dtype), bias
 
 

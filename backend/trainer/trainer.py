@@ -233,6 +233,7 @@ class Trainer:
             pos = (~pad).long().cumsum(-1).sub(1).clamp(min=0)
             causal = torch.triu(torch.ones(width, width, dtype=torch.bool), 1)
             attn = (causal.unsqueeze(0) | pad.unsqueeze(1)).unsqueeze(1)  # [b, 1, s, s] True = masked
+            attn &= ~torch.eye(width, dtype=torch.bool)  # a padding query sees itself: no all-masked row (NaN in SDPA)
             last = torch.zeros_like(pad)
             last[:, -1] = True
             logits = self._logits(ids, attn, pos, select=last).transpose(0, 1)  # [b, 1, v/tp]
@@ -251,23 +252,21 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def _cached_step(self, ids: list[int], cache: list, start: int) -> torch.Tensor:
-        """Run tokens ``ids`` at positions start.. through the model, appending to the per-layer KV
-        ``cache``; returns the vocab-parallel logits of the last position [1, 1, v/tp] (fp32).
+    def _cached_step(self, ids: torch.Tensor, pos: torch.Tensor, cache: list, allowed: torch.Tensor) -> torch.Tensor:
+        """Run ``ids`` [b, n] at positions ``pos`` [b, n] through the model, appending to the
+        per-layer KV ``cache``; ``allowed`` [b, 1, n, T] (True = may attend, T = cached + n keys).
+        Returns the vocab-parallel logits of the last position [b, v/tp] (fp32).
         The same megatron modules (so TP and LoRA hooks apply) with a KV cache around attention."""
         import torch.nn.functional as F
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
         m = self.model
-        n = len(ids)
-        x = torch.tensor(ids).unsqueeze(0)  # [1, n]
-        pos = torch.arange(start, start + n).unsqueeze(0)
         with self._autocast():
-            h = m.embedding(input_ids=x, position_ids=pos)  # [n, 1, hidden]
-            freqs = m.rotary_pos_emb(start + n)[start:]  # [n, 1, 1, d]
+            h = m.embedding(input_ids=ids, position_ids=pos)  # [n, b, hidden]
+            freqs = m.rotary_pos_emb(int(pos.max()) + 1)[pos.t()].squeeze(2)  # [n, b, 1, d]
             for li, layer in enumerate(m.decoder.layers):
                 att = layer.self_attention
-                q, k, v = att.get_query_key_value_tensors(layer.input_layernorm(h))  # [n, 1, heads, hn]
+                q, k, v = att.get_query_key_value_tensors(layer.input_layernorm(h))  # [n, b, heads, hn]
                 q = apply_rotary_pos_emb(q, freqs, config=att.config)
                 k = apply_rotary_pos_emb(k, freqs, config=att.config)
                 if li == len(cache):
@@ -275,41 +274,62 @@ class Trainer:
                 else:
                     k, v = torch.cat([cache[li][0], k]), torch.cat([cache[li][1], v])
                     cache[li] = (k, v)
-                rep = q.shape[2] // k.shape[2]
-                qh = q.permute(1, 2, 0, 3)  # [1, np, n, hn]
-                kh = k.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
-                vh = v.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
-                o = F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(), is_causal=n > 1).to(qh.dtype)
-                o = o.permute(2, 0, 1, 3).reshape(n, 1, -1)  # [n, 1, np*hn]
+                qh = q.permute(1, 2, 0, 3)  # [b, np, n, hn]
+                kh, vh = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, ng, T, hn]
+                o = F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(), attn_mask=allowed,
+                                                   enable_gqa=kh.shape[1] != qh.shape[1]).to(qh.dtype)
+                o = o.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)  # [n, b, np*hn]
                 out, _ = att.linear_proj(o)
                 h = h + out
                 out, _ = layer.mlp(layer.pre_mlp_layernorm(h))
                 h = h + out
-            h = m.decoder.final_layernorm(h[-1:])
+            h = m.decoder.final_layernorm(h[-1:])  # [1, b, hidden]
             w = m.shared_embedding_or_output_weight() if m.share_embeddings_and_output_weights else None
-            logits, _ = m.output_layer(h, weight=w)  # [1, 1, v/tp] (fp32, see _fp32_output_layer)
-        return logits.float()
+            logits, _ = m.output_layer(h, weight=w)  # [1, b, v/tp] (fp32, see _fp32_output_layer)
+        return logits[0].float()
 
     @torch.no_grad()
     def greedy_cached(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy replies with a KV cache (one prompt at a time): what :meth:`greedy` computes,
-        one prefill + one single-token forward per new token instead of a full recompute."""
-        out: list[list[int]] = []
-        for prompt in prompts:
-            prompt = list(prompt)[-(self.cfg.max_tokens - max_new_tokens) :]
-            cache: list = []
-            logits = self._cached_step(prompt, cache, 0)
-            reply: list[int] = []
-            for _ in range(max_new_tokens):
-                _, nxt = L.topk_global(logits, 1)
-                t = int(nxt[0, 0, 0])
+        """Greedy replies with a KV cache, all prompts in one left-padded batch: what :meth:`greedy`
+        computes, with one prefill + one single-token step per new token (the weights are read
+        once per step for the whole batch: the probe is memory-bound on them)."""
+        rows = [list(p)[-(self.cfg.max_tokens - max_new_tokens) :] for p in prompts]
+        if not rows:
+            return []
+        b, width = len(rows), max(len(r) for r in rows)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((b, width + max_new_tokens), dtype=torch.bool)  # key positions that are real
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r)
+            valid[i, width - len(r) : width] = True
+        valid[:, width:] = True
+        pos = (valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)  # [b, width]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = causal[None] & valid[:, None, :width]  # [b, width, width]
+        allowed |= torch.eye(width, dtype=torch.bool)[None]  # a padding query sees itself: no empty rows
+        cache: list = []
+        logits = self._cached_step(ids, pos, cache, allowed[:, None])
+        out: list[list[int]] = [[] for _ in rows]
+        done = [False] * b
+        nxt_pos = pos[:, -1] + 1  # [b]
+        for step in range(max_new_tokens):
+            _, nxt = L.topk_global(logits.unsqueeze(1), 1)  # [b, 1, 1]
+            toks = nxt[:, 0, 0]
+            for i in range(b):
+                if done[i]:
+                    continue
+                t = int(toks[i])
                 if t == self.eos_id:
-                    break
-                reply.append(t)
-                if len(reply) == max_new_tokens:
-                    break
-                logits = self._cached_step([t], cache, len(prompt) + len(reply) - 1)
-            out.append(reply)
+                    done[i] = True
+                else:
+                    out[i].append(t)
+                    done[i] = len(out[i]) == max_new_tokens
+            if all(done):
+                break
+            end = width + step + 1
+            allowed_step = valid[:, None, None, :end]  # [b, 1, 1, T]
+            logits = self._cached_step(toks.unsqueeze(1), nxt_pos.unsqueeze(1), cache, allowed_step)
+            nxt_pos = nxt_pos + 1
         return out
 
     def _repetition(self, prompts) -> tuple[float, float]:
