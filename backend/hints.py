@@ -96,7 +96,8 @@ class CPUHintExtractor:
 
     def _load_or_fit(self):
         import sklearn
-        key = files_hash(self.train_path, extra=json.dumps([HINT_VERSION, sklearn.__version__]))
+        encoder = getattr(self.featurizer.encoder, "key", "all-MiniLM-L6-v2")   # the sentence features depend on it
+        key = files_hash(self.train_path, extra=json.dumps([HINT_VERSION, sklearn.__version__, encoder]))
         path = self.cache_dir / f"hints-{key}.pkl"
         if path.exists():
             try:

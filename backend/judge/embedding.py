@@ -43,7 +43,7 @@ from backend.judge.base import Item, Judge, Judgment, majority_vote
 from backend.judge.data import TRAIN_PATH, files_hash, load_bank
 from backend.judge.features import Featurizer
 
-FEATURE_VERSION = "emb-v1"   # bump when features or head recipe change (invalidates caches)
+FEATURE_VERSION = "emb-v2"   # bump when features or head recipe change (invalidates caches)
 _CLASSES = np.array([-1, 0, 1])
 
 
@@ -57,6 +57,10 @@ class EmbeddingJudgeConfig:
     m: int = field(default=3, metadata={"help": "Number of votes (heads); the reward is their majority, a tie gives 0."})
     C: float = field(default=3.0, metadata={"help": "Inverse L2 strength of each logistic-regression head."})
     abstain: float = field(default=0.0, metadata={"help": "A head votes 0 when its top class probability is below this (0 = never abstain)."})
+    tune_layers: int = field(default=2, metadata={"help": "Top MiniLM layers fine-tuned on the bank before the heads are fitted (0 = frozen MiniLM)."})
+    tune_epochs: int = field(default=6, metadata={"help": "Passes over the bank when fine-tuning the top layers."})
+    tune_lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the fine-tuning."})
+    tune_seed: int = field(default=0, metadata={"help": "Seed of the fine-tuning (initialisation and batch order)."})
     user_weight: float = field(default=3.0, metadata={"help": "Sample weight of a user's own labelled feedback examples in their refit."})
     train_path: Path = field(default=TRAIN_PATH, metadata={"help": "The labelled follow-up bank to fit the heads on (JSONL)."})
     cache_dir: Path | None = field(default=None, metadata={"help": "Where fitted heads are cached; None = companion's cache_dir."})
@@ -72,6 +76,10 @@ class EmbeddingJudgeConfig:
             raise UserError("abstain must be in [0, 1).")
         if self.user_weight <= 0:
             raise UserError("user_weight must be positive.")
+        if not 0 <= self.tune_layers <= 6:
+            raise UserError("tune_layers must be between 0 (frozen MiniLM) and 6.")
+        if self.tune_layers and (self.tune_epochs < 1 or self.tune_lr <= 0):
+            raise UserError("fine-tuning needs tune_epochs >= 1 and a positive tune_lr.")
         self.train_path = Path(self.train_path)
         if not self.train_path.exists():
             raise UserError(f"the judge's training bank {self.train_path} does not exist.")
@@ -133,8 +141,8 @@ class EmbeddingJudge(Judge):
                  feedback_db: str | Path | None = None, **overrides) -> None:
         self.cfg = cfg or EmbeddingJudgeConfig(**overrides)
         self.m = self.cfg.m
-        self.featurizer = featurizer or Featurizer()
         self.bank = load_bank(self.cfg.train_path)
+        self.featurizer = self._tuned(featurizer or Featurizer())
         self._heads: dict[str, _Heads] = {}            # key -> heads (base and per-user refits)
         self.feedback = None
         if feedback_db is not None:
@@ -150,10 +158,21 @@ class EmbeddingJudge(Judge):
     def _cache_dir(self) -> Path:
         return (self.cfg.cache_dir or _default_cache_dir()) / "judge"
 
+    def _tuned(self, base: Featurizer) -> Featurizer:
+        """The featurizer on MiniLM whose top layers are fine-tuned on the bank (tune.py), cached."""
+        if not self.cfg.tune_layers:
+            return base
+        from backend.judge.tune import TuneConfig, tuned_encoder
+        tc = TuneConfig(layers=self.cfg.tune_layers, epochs=self.cfg.tune_epochs, lr=self.cfg.tune_lr,
+                        seed=self.cfg.tune_seed)
+        enc = tuned_encoder(base.encoder, [r["next"] for r in self.bank], [r["label"] for r in self.bank],
+                            tc, self._cache_dir(), self.cfg.train_path)
+        return Featurizer(encoder=enc)
+
     def _key(self, extra: list[tuple[str, int]]) -> str:
         import sklearn
         conf = {k: str(v) for k, v in dataclasses.asdict(self.cfg).items() if k not in ("cache_dir", "train_path", "hints")}
-        tag = json.dumps([FEATURE_VERSION, conf, sklearn.__version__, extra], sort_keys=True)
+        tag = json.dumps([FEATURE_VERSION, conf, sklearn.__version__, self.featurizer.encoder.key, extra], sort_keys=True)
         return files_hash(self.cfg.train_path, extra=tag)
 
     def _load_or_fit(self, extra: list[tuple[str, int]]) -> _Heads:

@@ -48,6 +48,7 @@ class SentenceEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.path = path or minilm_path()
+        self.key = "all-MiniLM-L6-v2" if path is None else str(path)   # names the weights in cache keys
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path, dtype=torch.float32).eval()
