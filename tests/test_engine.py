@@ -205,3 +205,42 @@ def test_bf16_lora_delta_is_the_merge_rounded_once(tiny_model_dir):
     assert not torch.equal(w, first)
     eng.apply_delta(random_lora(eng, version=3, seed=0))  # back to the first adapter: no drift
     assert torch.equal(w, first)
+
+
+def test_bf16_wide_steps_use_fp32_copies_that_follow_every_delta(tiny_model_dir):
+    """bf16 engine: prefills and batched steps run on fp32 copies of the weights; after LoRA
+    and full deltas those copies hold the merged weights, so wide and bf16 steps agree."""
+    eng = LocalEngine(tiny_model_dir, dtype="bf16")
+    assert eng.fast.wide is not None
+    ids = torch.tensor([eng.prompt_ids(MSGS)])
+    pos = torch.arange(ids.shape[1])[None]
+
+    def both():
+        narrow = eng.fast.forward(ids, pos, eng.fast.new_cache(1, ids.shape[1]), wide=False)
+        wide = eng.fast.forward(ids, pos, eng.fast.new_cache(1, ids.shape[1], wide=True), wide=True)
+        return narrow, wide
+
+    n0, w0 = both()
+    assert w0.dtype == torch.float32 and (n0 - w0).abs().max() < 0.05  # bf16 rounding only
+    delta = random_lora(eng, version=1)
+    eng.apply_delta(delta)
+    a, b = delta.lora_pairs()["model.layers.0.mlp.down_proj"]
+    wide_w = eng.fast.wide_params["model.layers.0.mlp.down_proj.weight"]
+    base = eng._lora_base["model.layers.0.mlp.down_proj"]
+    assert torch.allclose(wide_w, base + delta.lora_scaling * (b @ a), atol=1e-6)
+    n1, w1 = both()
+    assert (w1 - w0).abs().max() > 0.05 and (n1 - w1).abs().max() < 0.05  # both moved, together
+    full = {"model.norm.weight": torch.full_like(eng.model.model.norm.weight, 0.5, dtype=torch.float32)}
+    eng.apply_delta(Delta(version=2, base_version=1, format="full", tensors=full))
+    assert torch.equal(eng.fast.wide_params["model.norm.weight"], torch.full_like(full["model.norm.weight"], 0.5))
+    n2, w2 = both()
+    assert (w2 - w1).abs().max() > 0.05 and (n2 - w2).abs().max() < 0.05
+
+
+def test_bf16_batched_greedy_is_independent_of_the_batch(tiny_model_dir):
+    eng = LocalEngine(tiny_model_dir, dtype="bf16")
+    prompts = [[{"role": "user", "content": "Hi"}], MSGS,
+               [{"role": "user", "content": "Explain photosynthesis in detail please, for a school report."}]]
+    batch = eng.generate_greedy_batch(prompts, max_new_tokens=12)
+    for msgs, b in zip(prompts, batch):
+        assert eng.generate_greedy_batch([msgs], max_new_tokens=12)[0].token_ids == b.token_ids

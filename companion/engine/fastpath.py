@@ -17,6 +17,13 @@ Invariants
   within float tolerance (tested).
 - Only models for which :func:`supported` is true use it (default rotary, no
   biases, SiLU); others are served by the HF forward.
+- Multi-row products run in fp32 ("wide" steps). This CPU has no bf16 matrix units
+  (no avx512_bf16 / AMX): a bf16 GEMM costs about one GEMV per row, so with 13-16 rows
+  it is 3-5x slower than fp32, while a single-row bf16 GEMV wins by halving the bytes
+  read (measured: docs/serving.md). A bf16 model therefore keeps an fp32 copy of its
+  weights (:attr:`FastLlama.wide_params`, HF names -> fp32 tensors, +4 bytes/param):
+  prompt prefills and batched steps use it, single-token decode steps use bf16. Anything
+  that writes the bf16 weights must write these too (``LocalEngine.apply_delta`` does).
 """
 
 from __future__ import annotations
@@ -87,6 +94,43 @@ class FastLlama:
         self.n_q = self.n_heads * self.head_dim
         self.n_k = self.n_kv * self.head_dim
         self.inter = model.model.layers[0].mlp.gate_proj.weight.shape[0]
+        # The serving-dtype weights per layer, by role (the live parameters themselves).
+        self.narrow = [
+            {"qkv": L["qkv"], "o": L["o"].weight, "gu": L["gu"], "down": L["down"].weight,
+             "ln1": L["ln1"].weight, "ln2": L["ln2"].weight}
+            for L in self.layers
+        ]
+        # fp32 copies for multi-row ("wide") steps; views share storage per fused tensor.
+        self.wide_params: dict[str, torch.Tensor] = {}
+        self.wide: list[dict] | None = None
+        if self.dtype != torch.float32:
+            self.wide = []
+            for i, L in enumerate(self.layers):
+                pre = f"model.layers.{i}."
+                w = {k: L[k].float() for k in ("qkv", "gu")}
+                w["o"], w["down"] = L["o"].weight.float(), L["down"].weight.float()
+                w["ln1"], w["ln2"] = L["ln1"].weight.float(), L["ln2"].weight.float()
+                self.wide.append(w)
+                q, k = self.n_heads * self.head_dim, (cfg.num_key_value_heads * self.head_dim)
+                inter = L["gu"].shape[0] // 2
+                self.wide_params.update({
+                    pre + "self_attn.q_proj.weight": w["qkv"][:q],
+                    pre + "self_attn.k_proj.weight": w["qkv"][q : q + k],
+                    pre + "self_attn.v_proj.weight": w["qkv"][q + k :],
+                    pre + "self_attn.o_proj.weight": w["o"],
+                    pre + "mlp.gate_proj.weight": w["gu"][:inter],
+                    pre + "mlp.up_proj.weight": w["gu"][inter:],
+                    pre + "mlp.down_proj.weight": w["down"],
+                    pre + "input_layernorm.weight": w["ln1"],
+                    pre + "post_attention_layernorm.weight": w["ln2"],
+                })
+            self.wide_norm = model.model.norm.weight.float()
+            self.wide_params["model.norm.weight"] = self.wide_norm
+            head = model.lm_head.weight
+            self.wide_head = head.float()
+            self.wide_params["lm_head.weight"] = self.wide_head
+            if head.data_ptr() == model.model.embed_tokens.weight.data_ptr():  # tied
+                self.wide_params["model.embed_tokens.weight"] = self.wide_head
         theta = cfg.rope_parameters["rope_theta"]
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
         pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float)
@@ -94,14 +138,17 @@ class FastLlama:
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
         self.cos = emb.cos().to(self.dtype)
         self.sin = emb.sin().to(self.dtype)
+        self.cos32, self.sin32 = emb.cos(), emb.sin()
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(len(self.layers), batch, self.n_kv, max_len, self.head_dim, self.dtype)
+    def new_cache(self, batch: int, max_len: int, wide: bool = False) -> KVCache:
+        """A KV cache; ``wide`` = fp32 (for generations whose every step is wide)."""
+        dtype = torch.float32 if wide else self.dtype
+        return KVCache(len(self.layers), batch, self.n_kv, max_len, self.head_dim, dtype)
 
-    def _norm(self, x: torch.Tensor, ln) -> torch.Tensor:
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return ln.weight * h.to(x.dtype)
+        return weight * h.to(x.dtype)
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -110,19 +157,28 @@ class FastLlama:
         return x * cos + rot * sin
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
+                wide: bool | None = None) -> torch.Tensor:
         """ids, positions [B, S] -> logits of the last position [B, V] (float32).
 
         ``valid`` [B, T] marks real (non-padding) key positions for the whole cache
-        span T = cache.length + S; None means no padding.
+        span T = cache.length + S; None means no padding. ``wide``: run this step on the
+        fp32 weights (default: when B * S > 1 and the model is not fp32 already).
         """
         b, s = ids.shape
+        if wide is None:
+            wide = b * s > 1
+        wide = bool(wide) and self.wide is not None
         start, end = cache.length, cache.length + s
         if end > cache.max_len:
             raise ValueError("KV cache too short for this generation")
         x = self.model.model.embed_tokens(ids)  # [B, S, H]
-        cos = self.cos[positions][:, None]  # [B, 1, S, D]
-        sin = self.sin[positions][:, None]
+        if wide:
+            x = x.float()
+            cos, sin = self.cos32[positions][:, None], self.sin32[positions][:, None]  # [B, 1, S, D]
+        else:
+            cos = self.cos[positions][:, None]  # [B, 1, S, D]
+            sin = self.sin[positions][:, None]
         mask = None
         causal = False
         if valid is not None:
@@ -136,8 +192,9 @@ class FastLlama:
                 raise ValueError("multi-token steps after the prefill need a mask")
             causal = True
         for li, L in enumerate(self.layers):
-            h = self._norm(x, L["ln1"])
-            qkv = F.linear(h, L["qkv"])  # [B, S, nq + 2 nk]
+            W = self.wide[li] if wide else self.narrow[li]
+            h = self._norm(x, W["ln1"])
+            qkv = F.linear(h, W["qkv"])  # [B, S, nq + 2 nk]
             q = qkv[..., : self.n_q].view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, S, D]
             k = qkv[..., self.n_q : self.n_q + self.n_k].view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
             v = qkv[..., self.n_q + self.n_k :].view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
@@ -145,11 +202,16 @@ class FastLlama:
             cache.k[li, :, :, start:end] = k
             cache.v[li, :, :, start:end] = v
             keys, vals = cache.k[li, :, :, :end], cache.v[li, :, :, :end]  # [B, Hkv, T, D]
+            if keys.dtype != q.dtype:
+                keys, vals = keys.to(q.dtype), vals.to(q.dtype)
             att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, is_causal=causal, enable_gqa=True)
-            x = x + L["o"](att.transpose(1, 2).reshape(b, s, self.n_q))
-            h = self._norm(x, L["ln2"])
-            gu = F.linear(h, L["gu"])  # [B, S, 2I]
-            x = x + L["down"](F.silu(gu[..., : self.inter]) * gu[..., self.inter :])
+            x = x + F.linear(att.transpose(1, 2).reshape(b, s, self.n_q), W["o"])
+            h = self._norm(x, W["ln2"])
+            gu = F.linear(h, W["gu"])  # [B, S, 2I]
+            x = x + F.linear(F.silu(gu[..., : self.inter]) * gu[..., self.inter :], W["down"])
         cache.length = end
+        if wide:
+            x = self._norm(x[:, -1], self.wide_norm)  # [B, H]
+            return F.linear(x, self.wide_head)  # [B, V] fp32
         x = self.model.model.norm(x[:, -1])  # [B, H]
         return self.model.lm_head(x).float()  # [B, V]

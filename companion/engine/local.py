@@ -156,6 +156,7 @@ class LocalEngine:
         self._lora_base: dict[str, torch.Tensor] = {}
         self._scratch: dict[torch.Size, torch.Tensor] = {}  # fp32 merge buffers, one per weight shape
         self._params = dict(self.model.named_parameters())
+        self._wide = self.fast.wide_params if self.fast is not None else {}  # HF name -> fp32 copy
         self.delta_history: list[dict] = []
 
     # ------------------------------------------------------------------ prompts
@@ -190,15 +191,20 @@ class LocalEngine:
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
     # ------------------------------------------------------------------ decoding core
-    def _start(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, max_len: int):
-        """Prefill: ids/valid/positions [B, P] -> (logits of last position [B, V], decode state)."""
+    def _start(self, ids: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, max_len: int,
+               wide: bool | None = None):
+        """Prefill: ids/valid/positions [B, P] -> (logits of last position [B, V], decode state).
+
+        ``wide`` (fast path): True runs every step of this generation on the fp32 weights
+        (batched evaluation: the same numerics whatever the batch size); None runs multi-row
+        steps (the prefill) in fp32 and single-token steps in the serving dtype."""
         if self.fast is not None:
-            cache = self.fast.new_cache(ids.shape[0], max_len)
+            cache = self.fast.new_cache(ids.shape[0], max_len, wide=bool(wide))
             padded = bool((valid == 0).any())
             full_valid = torch.ones((ids.shape[0], max_len), dtype=torch.bool)
             full_valid[:, : ids.shape[1]] = valid.bool()
-            logits = self.fast.forward(ids, positions, cache, full_valid if padded else None)
-            return logits, {"cache": cache, "valid": full_valid if padded else None}
+            logits = self.fast.forward(ids, positions, cache, full_valid if padded else None, wide=wide)
+            return logits, {"cache": cache, "valid": full_valid if padded else None, "wide": wide}
         from transformers import DynamicCache
 
         state = {"cache": DynamicCache(), "mask": valid.long()}
@@ -209,7 +215,7 @@ class LocalEngine:
     def _step(self, state: dict, toks: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step: toks/positions [B, 1] -> logits [B, V]."""
         if self.fast is not None:
-            return self.fast.forward(toks, positions, state["cache"], state["valid"])
+            return self.fast.forward(toks, positions, state["cache"], state["valid"], wide=state["wide"])
         n = toks.shape[0]
         state["mask"] = torch.cat([state["mask"], torch.ones((n, 1), dtype=torch.long)], dim=1)
         out = self.model(input_ids=toks, attention_mask=state["mask"], position_ids=positions,
@@ -285,7 +291,12 @@ class LocalEngine:
 
     @torch.inference_mode()
     def generate_greedy_batch(self, batch: list[list[dict]], max_new_tokens: int = 256) -> list[Reply]:
-        """Greedy replies for several prompts at once (left padding, explicit positions)."""
+        """Greedy replies for several prompts at once (left padding, explicit positions).
+
+        On the fast path with a bf16 model every step runs on the fp32 weight copy (bf16
+        GEMMs with several rows are 3-5x slower than fp32 on this CPU), so a prompt's reply
+        is the same whatever batch it is in; it may differ from :meth:`generate`'s greedy
+        reply, which decodes in bf16, by the usual bf16 rounding."""
         if not batch:
             return []
         prompts = [self.prompt_ids(m) for m in batch]
@@ -303,7 +314,7 @@ class LocalEngine:
             logps: list[list[float]] = [[] for _ in range(n)]
             done = [False] * n
             finish = ["length"] * n
-            logits, state = self._start(ids, valid, positions, width + max_new_tokens)
+            logits, state = self._start(ids, valid, positions, width + max_new_tokens, wide=True)
             positions = positions[:, -1:]  # [B, 1]
             for step in range(max_new_tokens):
                 toks = logits.argmax(-1)  # [B]
@@ -382,17 +393,24 @@ class LocalEngine:
             # W = base + scale * B @ A in one fp32 addmm, rounded once into the live weight.
             # fp32 because CPU bf16 GEMMs with an inner size of r (8-16) are ~20x slower and a
             # mixed bf16/fp32 in-place add is ~6x slower than this addmm + cast copy (measured).
+            wide = self._wide.get(f"{module}.weight")  # the fast path's fp32 copy, if any
             if w.dtype == torch.float32:
                 torch.addmm(base, b.float(), a.float(), alpha=scale, out=w)  # [out, in]
             else:
-                scratch = self._scratch.get(base.shape)
-                if scratch is None:
-                    scratch = self._scratch[base.shape] = torch.empty(base.shape)
-                torch.addmm(base, b.float(), a.float(), alpha=scale, out=scratch)  # [out, in] fp32
-                w.copy_(scratch)
+                # The fp32 result lands in the fast path's fp32 copy (or a scratch buffer)
+                # and is rounded once into the serving weight.
+                out = wide
+                if out is None:
+                    out = self._scratch.get(base.shape)
+                    if out is None:
+                        out = self._scratch[base.shape] = torch.empty(base.shape)
+                torch.addmm(base, b.float(), a.float(), alpha=scale, out=out)  # [out, in] fp32
+                w.copy_(out)
         for module, base in self._lora_base.items():  # modules the new adapter no longer targets
             if module not in targets:
                 self._params[f"{module}.weight"].copy_(base)  # casts back to the serving dtype
+                if f"{module}.weight" in self._wide:
+                    self._wide[f"{module}.weight"].copy_(base)
 
     @torch.no_grad()
     def _apply_full(self, delta: Delta) -> None:
@@ -408,6 +426,8 @@ class LocalEngine:
             p = self._params.get(name)
             if p is not None:
                 p.copy_(t)
+                if name in self._wide:
+                    self._wide[name].copy_(p)  # the fp32 copy holds exactly the serving weight
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
                 if module in self._lora_base:  # a full update redefines the base
                     self._lora_base[module] = t.detach().float().clone()
