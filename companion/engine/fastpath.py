@@ -195,10 +195,11 @@ class FastLlama:
             W = self.wide[li] if wide else self.narrow[li]
             h = self._norm(x, W["ln1"])
             qkv = F.linear(h, W["qkv"])  # [B, S, nq + 2 nk]
-            q = qkv[..., : self.n_q].view(b, s, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, S, D]
-            k = qkv[..., self.n_q : self.n_q + self.n_k].view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+            # q and k rotated in one pass (fewer ops per step; decode is partly per-op overhead)
+            qk = qkv[..., : self.n_q + self.n_k].view(b, s, self.n_heads + self.n_kv, self.head_dim).transpose(1, 2)
+            qk = self._rotate(qk, cos, sin)  # [B, Hq + Hkv, S, D]
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
             v = qkv[..., self.n_q + self.n_k :].view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             cache.k[li, :, :, start:end] = k
             cache.v[li, :, :, start:end] = v
             keys, vals = cache.k[li, :, :, :end], cache.v[li, :, :, :end]  # [B, Hkv, T, D]
