@@ -57,7 +57,8 @@ class EmbeddingJudgeConfig:
     m: int = field(default=3, metadata={"help": "Number of votes (heads); the reward is their majority, a tie gives 0."})
     C: float = field(default=3.0, metadata={"help": "Inverse L2 strength of each logistic-regression head."})
     abstain: float = field(default=0.0, metadata={"help": "A head votes 0 when its top class probability is below this (0 = never abstain)."})
-    tune_layers: int = field(default=2, metadata={"help": "Top MiniLM layers fine-tuned on the bank before the heads are fitted (0 = frozen MiniLM)."})
+    polar_margin: float = field(default=0.7, metadata={"help": "A head's -1 or +1 vote stands only when its probability exceeds the opposite polarity's by this much; otherwise the head votes 0 (0 = off)."})
+    tune_layers: int = field(default=3, metadata={"help": "Top MiniLM layers fine-tuned on the bank before the heads are fitted (0 = frozen MiniLM)."})
     tune_epochs: int = field(default=6, metadata={"help": "Passes over the bank when fine-tuning the top layers."})
     tune_lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the fine-tuning."})
     tune_seed: int = field(default=0, metadata={"help": "Seed of the fine-tuning (initialisation and batch order)."})
@@ -74,6 +75,8 @@ class EmbeddingJudgeConfig:
             raise UserError("C must be positive.")
         if not 0 <= self.abstain < 1:
             raise UserError("abstain must be in [0, 1).")
+        if not 0 <= self.polar_margin < 1:
+            raise UserError("polar_margin must be in [0, 1).")
         if self.user_weight <= 0:
             raise UserError("user_weight must be positive.")
         if not 0 <= self.tune_layers <= 6:
@@ -94,6 +97,7 @@ class _Heads:
         from sklearn.linear_model import LogisticRegression
 
         self.abstain = cfg.abstain
+        self.polar_margin = cfg.polar_margin
         self.vec = {
             "char": TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2, lowercase=True),
             "word": TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, lowercase=True),
@@ -129,7 +133,9 @@ class _Heads:
             P = clf.predict_proba(cache[kind])                        # [N, 3], columns = clf.classes_
             P = P[:, np.searchsorted(clf.classes_, _CLASSES)]
             v = _CLASSES[P.argmax(1)]
-            votes[:, j] = np.where(P.max(1) < self.abstain, 0, v)
+            v = np.where(P.max(1) < self.abstain, 0, v)
+            margin = np.abs(P[:, 2] - P[:, 0])                       # P(vote) - P(opposite) for a polar vote
+            votes[:, j] = np.where((v != 0) & (margin < getattr(self, "polar_margin", 0.0)), 0, v)
             probs[:, j] = P
         return votes, probs
 
