@@ -1,9 +1,11 @@
 """Shared, process-wide judge objects for the judge and hint tests (no conftest edits needed).
 
 MiniLM is loaded once per test process. The shared judge uses companion's
-cache dir (``COMPANION_CACHE_DIR`` or ~/.cache/companion), so the heads are
-fitted once per machine and later runs load them; the cold fit itself is
-tested on a small bank in test_judge.py. ``CACHE`` is a private temporary
+cache dir (``COMPANION_CACHE_DIR`` or ~/.cache/companion), so the encoder's top
+layers are fine-tuned and the heads fitted once per machine (~70 s) and later
+runs load them; the tuned encoder is also shared in memory by every judge of
+the process (backend/judge/tune.py). The cold fit itself is tested on small
+banks in test_judge.py and test_judge_tune.py. ``CACHE`` is a private temporary
 cache for tests that write (feedback refits).
 """
 

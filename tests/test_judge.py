@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from backend.judge import Judgment, majority_vote
-from backend.judge.data import HELDOUT_PATH, load_bank
+from backend.judge.data import HELDOUT2_PATH, HELDOUT_PATH, load_bank
 from companion.errors import UserError
 import judge_support as js
 
@@ -56,13 +56,38 @@ def test_embedding_judge_on_unseen_phrasings():
         assert r.judge_name == "embedding" and r.latency > 0
 
 
-def test_heldout_accuracy_and_flips():
-    """Regression guard at the measured level (docs/judge.md): accuracy >= 0.85, flips <= 8 of 111."""
-    rows = load_bank(HELDOUT_PATH)
+@pytest.mark.parametrize("path,min_acc,max_flips", [
+    (HELDOUT_PATH, 0.92, 3),      # v1, a dev set: measured 0.937 and 2 of 111
+    (HELDOUT2_PATH, 0.87, 6),     # v2, never tuned on: measured 0.889 and 5 of 153
+], ids=["v1", "v2"])
+def test_heldout_accuracy_and_flips(path, min_acc, max_flips):
+    """Regression guard at the measured level (docs/judge.md)."""
+    rows = load_bank(path)
     y = np.array([r["label"] for r in rows])
     p = np.array([r.reward for r in js.judge(3).judge_batch([([], "", r["next"]) for r in rows])])
-    assert (p == y).mean() >= 0.85
-    assert int(((p * y) == -1).sum()) <= 8
+    assert (p == y).mean() >= min_acc
+    assert int(((p * y) == -1).sum()) <= max_flips
+
+
+def test_polar_margin_turns_a_split_polar_vote_into_zero():
+    """A head votes -1/+1 only when that polarity beats the opposite one by polar_margin."""
+    from backend.judge.embedding import _Heads
+
+    class Fixed:                                   # a fitted head stand-in with fixed probabilities
+        classes_ = np.array([-1, 0, 1])
+
+        def predict_proba(self, X):
+            return np.array([[0.10, 0.02, 0.88],   # clear +1: margin 0.78
+                             [0.40, 0.05, 0.55],   # +1 but -1 close behind: margin 0.15
+                             [0.90, 0.05, 0.05],   # clear -1
+                             [0.20, 0.70, 0.10]])  # 0 stays 0
+    heads = object.__new__(_Heads)
+    heads.abstain, heads.polar_margin, heads.vec = 0.0, 0.7, {}
+    heads.members = [("emb", Fixed())] * 3
+    votes, _ = heads.vote(["a", "b", "c", "d"], np.zeros((4, 2)))
+    assert votes[:, 0].tolist() == [1, 0, -1, 0]
+    heads.polar_margin = 0.0
+    assert heads.vote(["a", "b", "c", "d"], np.zeros((4, 2)))[0][:, 0].tolist() == [1, 1, -1, 0]
 
 
 def test_batch_equals_one_by_one():

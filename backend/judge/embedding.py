@@ -5,20 +5,29 @@ Contract: ``EmbeddingJudge(cfg).judge(context, reply, next_message, user=None)
 the head the assistant's reply as input gained nothing (NOTES.md), and the
 next message is what the paper calls the next state.
 
+The features come from MiniLM whose top ``tune_layers`` (3) layers were
+fine-tuned on the bank's labels first (tune.py: deterministic, cached), so that
+the embedding carries stance rather than topic ("Great, it crashed again" and
+"Great, it runs now" no longer sit together).
+
 The m votes are m heads (logistic regressions, class-balanced). Member i uses
 view i mod 3: (0) character n-gram TF-IDF + embeddings, (1) word n-gram
 TF-IDF + embeddings, (2) embeddings alone; members beyond the third are
 bootstrap resamples (seeded) of the same views. Each head votes its argmax,
-or 0 when its top probability is below ``cfg.abstain``. Reward = majority,
-tie -> 0 (``majority_vote``). Nothing is a fixed word list: every weight is
-learned from the shipped bank, so unseen phrasings generalise through the
-embedding and the sub-word n-grams.
+or 0 when its top probability is below ``cfg.abstain`` (off by default) or
+when its vote is -1/+1 but the opposite polarity is within ``cfg.polar_margin``
+(0.7) of it: a 0 costs accuracy, a polarity flip (+1 judged -1 or the
+reverse) teaches the policy the wrong thing. Reward = majority, tie -> 0
+(``majority_vote``). Nothing is a fixed word list: every weight is learned
+from the shipped bank, so unseen phrasings generalise through the embedding
+and the sub-word n-grams.
 
-Fast to load: the fitted heads are pickled under
-``<cache_dir>/judge/embedding-<hash>.pkl`` where the hash covers the bank
-file, the config, the feedback examples in use and library versions; a cold
-fit (encoding ~640 short messages on one core) takes about 10 s, a warm load
-well under a second plus the MiniLM load (~3 s).
+Fast to load: the tuned layers are saved as ``<cache_dir>/judge/encoder-<hash>.pt``
+and the fitted heads pickled as ``<cache_dir>/judge/embedding-<hash>.pkl``; the
+hashes cover the bank file, the config, the encoder, the feedback examples in
+use and library versions. A cold start (fine-tuning plus encoding ~750 short
+messages on one core) takes about 70 s, a warm load about 6 s (mostly the MiniLM
+load).
 
 Explicit feedback: with ``feedback_db`` set, ``record_feedback`` stores the
 example per user; ``judge(..., user=u)`` then uses heads refitted on the bank

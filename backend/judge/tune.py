@@ -15,13 +15,14 @@ Recipe (deterministic): the bank's messages pass through the frozen lower
 layers once; the top layers plus a linear classifier on the mean-pooled,
 L2-normalised embedding are trained with class-balanced cross-entropy
 (AdamW, ``epochs`` passes, batch 32, no dropout), seeded, one torch thread,
-``torch.use_deterministic_algorithms`` on; the global RNG, thread count and
-determinism flag are restored afterwards. About 20-30 s on one core for the
-~750-row bank.
+``torch.use_deterministic_algorithms`` on (warn-only); the global RNG, thread
+count and determinism flags are restored afterwards (they are process-wide:
+other threads run with them during the fine-tuning). About a minute on one core
+for the ~750-row bank with 3 layers.
 
 Cached: the top layers' weights are saved under
 ``<cache_dir>/encoder-<hash>.pt`` (hash = sha256 of the bank file, the
-recipe, ``TUNE_VERSION``, torch and transformers versions; ~7 MB) and kept in
+recipe, ``TUNE_VERSION``, torch and transformers versions; 21 MB) and kept in
 memory per process, so every judge in a process shares one tuned encoder. A
 corrupt or stale file is retrained, never an error.
 """
@@ -89,8 +90,10 @@ def train_top_layers(base: SentenceEncoder, texts: list[str], labels: list[int],
         raise ValueError(f"layers must be in 1..{n_layers}")
     cut = n_layers - cfg.layers
     prev_det, prev_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    # warn_only: the flag is process-wide, and a trainer thread running meanwhile must not raise
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -124,7 +127,7 @@ def train_top_layers(base: SentenceEncoder, texts: list[str], labels: list[int],
                     opt.step()
             return {k: v.detach().clone() for k, v in top.state_dict().items()}
     finally:
-        torch.use_deterministic_algorithms(prev_det)
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
         torch.set_num_threads(prev_threads)
 
 
