@@ -16,8 +16,9 @@ How the CPU extractor works: a logistic regression scores every sentence of
 the message for "directive content" (features: word and character TF-IDF plus
 the MiniLM embedding of the sentence), trained on the bank's sentences that
 contain a row's key words (positives) against every other sentence (including
-new requests after thanks, which are not hindsight). The best sentence above
-``threshold`` is normalised into an instruction by a few surface rewrites
+new requests after thanks, which are not hindsight). Every sentence above
+``threshold`` (the best ``max_sentences``, kept in the message's order) is normalised
+into an instruction by a few surface rewrites, and they are joined into one hint
 (drop leading interjections such as "no," or "thanks, but", turn "can you X?"
 into "X.", mark statements and errors as what to fix). The rewrites only
 reshape the chosen sentence; they never decide whether there is a hint.
@@ -53,8 +54,8 @@ _ERROR = re.compile(r"\b\w*(?:Error|Exception)\b|\berror\b|\bfails?\b|\bcrash(?:
 _STATEMENT_START = re.compile(r"^(?:i|i'm|im|i've|my|we|we're|our|the|this|that|it|it's|its|you|your|there|they|he|she)\b", re.I)
 
 
-def normalise_hint(sentence: str) -> str | None:
-    """Reshape a directive sentence into an instruction; None if too short to be useful."""
+def normalise_hint(sentence: str, min_chars: int = HINT_MIN_CHARS) -> str | None:
+    """Reshape a directive sentence into an instruction; None if ``min_chars`` long or shorter."""
     s = sentence.strip().strip('"').strip()
     s = _LEAD.sub("", s).strip()
     m = _REQUEST.search(s)
@@ -70,7 +71,7 @@ def normalise_hint(sentence: str) -> str | None:
     s = s[0].upper() + s[1:]
     if s[-1] not in ".!?":
         s += "."
-    return s if len(s) > HINT_MIN_CHARS else None
+    return s if len(s) > min_chars else None
 
 
 def _has_key(sentence: str, keys: list[str]) -> bool:
@@ -82,10 +83,12 @@ class CPUHintExtractor:
     """Sentence-level directive detector + normaliser (CPU, trained on the shipped bank)."""
 
     def __init__(self, featurizer=None, cache_dir: str | Path | None = None, threshold: float = 0.5,
-                 train_path: str | Path = TRAIN_PATH, hint_when: tuple[int, ...] = (-1, 0)) -> None:
+                 train_path: str | Path = TRAIN_PATH, hint_when: tuple[int, ...] = (-1, 0),
+                 max_sentences: int = 3) -> None:
         from backend.judge.features import Featurizer
         self.featurizer = featurizer or Featurizer()
         self.threshold = threshold
+        self.max_sentences = max_sentences  # directive sentences joined into one hint (the LLM prompt asks for 1-3)
         self.hint_when = hint_when
         self.train_path = Path(train_path)
         if cache_dir is None:
@@ -151,14 +154,21 @@ class CPUHintExtractor:
         todo = [i for i, r in enumerate(rewards) if r in self.hint_when and messages[i] and messages[i].strip()]
         if not todo:
             return out
-        sents = [(i, s) for i in todo for s in split_sentences(messages[i])]
-        p = self.model["clf"].predict_proba(self._X(self.model, [s for _, s in sents]))[:, 1]
-        best: dict[int, tuple[float, str]] = {}
-        for (i, s), pi in zip(sents, p):
-            if pi >= self.threshold and pi > best.get(i, (-1.0, ""))[0]:
-                best[i] = (float(pi), s)
-        for i, (_, s) in best.items():
-            out[i] = normalise_hint(s)
+        sents = [(i, k, s) for i in todo for k, s in enumerate(split_sentences(messages[i]))]
+        p = self.model["clf"].predict_proba(self._X(self.model, [s for _, _, s in sents]))[:, 1]
+        found: dict[int, list[tuple[float, int, str]]] = {}
+        for (i, k, s), pi in zip(sents, p):
+            if pi >= self.threshold:
+                found.setdefault(i, []).append((float(pi), k, s))
+        for i, cands in found.items():
+            # Every directive sentence, not only the most confident one: a follow-up often
+            # names two changes ("Open with praise. Keep it under 90 words.") or pairs the
+            # change with a bare redo request, which alone teaches nothing. The best
+            # max_sentences by score, kept in the message's order, each normalised.
+            keep = sorted(sorted(cands, reverse=True)[: self.max_sentences], key=lambda c: c[1])
+            parts = [h for h in (normalise_hint(s, min_chars=0) for _, _, s in keep) if h]
+            hint = " ".join(dict.fromkeys(parts))  # a short part ("Shorter.") counts inside a longer hint
+            out[i] = hint if len(hint) > HINT_MIN_CHARS else None
         return out
 
 

@@ -52,6 +52,21 @@ def test_hint_picks_the_directive_sentence():
     assert hint is not None and "kilometres" in hint and "a lot" not in hint
 
 
+def test_a_message_with_several_directives_gives_them_all_in_order():
+    h = js.judge(3).hinter
+    hint = h.extract("Too formal. Write it like you're talking to a friend. No bullet points.", reward=-1)
+    assert hint is not None
+    low = hint.lower()
+    assert "friend" in low and "no bullet points" in low and low.index("friend") < low.index("bullet")
+    hint = h.extract("Use Python, not Java. Also keep it under 20 lines.", reward=-1)
+    assert hint is not None and "Python" in hint and "20 lines" in hint
+    h.max_sentences = 1  # the paper-style single best sentence drops the second change
+    try:
+        assert "20 lines" not in (h.extract("Use Python, not Java. Also keep it under 20 lines.", reward=-1) or "")
+    finally:
+        h.max_sentences = 3
+
+
 def test_heldout_hint_yield_and_key_words():
     """Regression guard at the measured level (docs/judge.md): yield >= 0.75, keys kept >= 0.9."""
     rows = load_bank(HELDOUT_PATH)
