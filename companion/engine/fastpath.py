@@ -78,41 +78,31 @@ class FastLlama:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.dtype = model.dtype
-        self.layers = []
+        # Per layer, by role: the live serving-dtype weights (fused tensors and HF parameters).
+        self.layers: list[dict[str, torch.Tensor]] = []
         for layer in model.model.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 {
                     "qkv": _fuse([att.q_proj, att.k_proj, att.v_proj]),
-                    "o": att.o_proj,
+                    "o": att.o_proj.weight,
                     "gu": _fuse([mlp.gate_proj, mlp.up_proj]),
-                    "down": mlp.down_proj,
-                    "ln1": layer.input_layernorm,
-                    "ln2": layer.post_attention_layernorm,
+                    "down": mlp.down_proj.weight,
+                    "ln1": layer.input_layernorm.weight,
+                    "ln2": layer.post_attention_layernorm.weight,
                 }
             )
         self.n_q = self.n_heads * self.head_dim
         self.n_k = self.n_kv * self.head_dim
         self.inter = model.model.layers[0].mlp.gate_proj.weight.shape[0]
-        # The serving-dtype weights per layer, by role (the live parameters themselves).
-        self.narrow = [
-            {"qkv": L["qkv"], "o": L["o"].weight, "gu": L["gu"], "down": L["down"].weight,
-             "ln1": L["ln1"].weight, "ln2": L["ln2"].weight}
-            for L in self.layers
-        ]
-        # fp32 copies for multi-row ("wide") steps; views share storage per fused tensor.
+        # fp32 copies for multi-row ("wide") steps, the same roles; HF names -> views of them.
         self.wide_params: dict[str, torch.Tensor] = {}
-        self.wide: list[dict] | None = None
+        self.wide: list[dict[str, torch.Tensor]] | None = None
         if self.dtype != torch.float32:
-            self.wide = []
-            for i, L in enumerate(self.layers):
+            self.wide = [{role: t.float() for role, t in L.items()} for L in self.layers]
+            q, k, inter = self.n_q, self.n_k, self.inter
+            for i, w in enumerate(self.wide):
                 pre = f"model.layers.{i}."
-                w = {k: L[k].float() for k in ("qkv", "gu")}
-                w["o"], w["down"] = L["o"].weight.float(), L["down"].weight.float()
-                w["ln1"], w["ln2"] = L["ln1"].weight.float(), L["ln2"].weight.float()
-                self.wide.append(w)
-                q, k = self.n_heads * self.head_dim, (cfg.num_key_value_heads * self.head_dim)
-                inter = L["gu"].shape[0] // 2
                 self.wide_params.update({
                     pre + "self_attn.q_proj.weight": w["qkv"][:q],
                     pre + "self_attn.k_proj.weight": w["qkv"][q : q + k],
@@ -191,8 +181,7 @@ class FastLlama:
             if start != 0:
                 raise ValueError("multi-token steps after the prefill need a mask")
             causal = True
-        for li, L in enumerate(self.layers):
-            W = self.wide[li] if wide else self.narrow[li]
+        for li, W in enumerate(self.wide if wide else self.layers):
             h = self._norm(x, W["ln1"])
             qkv = F.linear(h, W["qkv"])  # [B, S, nq + 2 nk]
             # q and k rotated in one pass (fewer ops per step; decode is partly per-op overhead)
