@@ -257,7 +257,6 @@ class Trainer:
         per-layer KV ``cache``; ``allowed`` [b, 1, n, T] (True = may attend, T = cached + n keys).
         Returns the vocab-parallel logits of the last position [b, v/tp] (fp32).
         The same megatron modules (so TP and LoRA hooks apply) with a KV cache around attention."""
-        import torch.nn.functional as F
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
         m = self.model
@@ -274,11 +273,7 @@ class Trainer:
                 else:
                     k, v = torch.cat([cache[li][0], k]), torch.cat([cache[li][1], v])
                     cache[li] = (k, v)
-                qh = q.permute(1, 2, 0, 3)  # [b, np, n, hn]
-                kh, vh = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)  # [b, ng, T, hn]
-                o = F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(), attn_mask=allowed,
-                                                   enable_gqa=kh.shape[1] != qh.shape[1]).to(qh.dtype)
-                o = o.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)  # [n, b, np*hn]
+                o = att.core_attention(q, k, v, ~allowed)  # SDPAAttention: [n, b, np*hn]
                 out, _ = att.linear_proj(o)
                 h = h + out
                 out, _ = layer.mlp(layer.pre_mlp_layernorm(h))
