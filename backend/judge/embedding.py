@@ -144,7 +144,7 @@ class _Heads:
             v = _CLASSES[P.argmax(1)]
             v = np.where(P.max(1) < self.abstain, 0, v)
             margin = np.abs(P[:, 2] - P[:, 0])                       # P(vote) - P(opposite) for a polar vote
-            votes[:, j] = np.where((v != 0) & (margin < getattr(self, "polar_margin", 0.0)), 0, v)
+            votes[:, j] = np.where((v != 0) & (margin < self.polar_margin), 0, v)
             probs[:, j] = P
         return votes, probs
 
