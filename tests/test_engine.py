@@ -96,6 +96,7 @@ def test_lora_delta_matches_peft_and_bumps_version(engine, tiny_model_dir, tmp_p
     ids = engine.prompt_ids(MSGS)
     before = logits_of(engine.model, ids)
     assert engine.apply_delta(pack(delta)) == 1  # the (header, payload) wire form, checksum verified
+    engine.settle()  # fold now: this test reads the HF weights directly
     after = logits_of(engine.model, ids)
     assert not torch.allclose(before, after, atol=1e-3)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
@@ -104,12 +105,14 @@ def test_lora_delta_matches_peft_and_bumps_version(engine, tiny_model_dir, tmp_p
     # a later version replaces the adapter instead of stacking on it
     engine.apply_delta(random_lora(engine, version=2, seed=1))
     engine.apply_delta(random_lora(engine, version=3, seed=0))
+    engine.settle()
     assert torch.allclose(logits_of(engine.model, ids), after, atol=1e-5)
 
 
 def test_bad_deltas_are_refused_and_the_old_version_keeps_serving(engine):
     ids = engine.prompt_ids(MSGS)
     engine.apply_delta(random_lora(engine, version=1))
+    engine.settle()
     good = logits_of(engine.model, ids)
     header, payload = pack(random_lora(engine, version=2, seed=5))
     tampered = payload[:-8] + bytes(8)
@@ -128,6 +131,7 @@ def test_bad_deltas_are_refused_and_the_old_version_keeps_serving(engine):
     with pytest.raises(DeltaError, match="shape"):
         engine.apply_delta(bad_shape)
     assert engine.version == 1
+    engine.settle()  # nothing pending: a refused delta changed no state
     assert torch.equal(logits_of(engine.model, ids), good)
 
 
@@ -197,13 +201,16 @@ def test_bf16_lora_delta_is_the_merge_rounded_once(tiny_model_dir):
     a, b = delta.lora_pairs()["model.layers.0.mlp.down_proj"]
     expected = (base + delta.lora_scaling * (b @ a)).to(torch.bfloat16)
     eng.apply_delta(delta)
+    eng.settle()
     w = eng.model.model.layers[0].mlp.down_proj.weight
     # equal up to one bf16 ulp (addmm may round its fp32 sum differently from mm + add)
     assert w.dtype == torch.bfloat16 and torch.allclose(w.float(), expected.float(), rtol=2**-7, atol=1e-9)
     first = w.detach().clone()
     eng.apply_delta(random_lora(eng, version=2, seed=3))
+    eng.settle()
     assert not torch.equal(w, first)
     eng.apply_delta(random_lora(eng, version=3, seed=0))  # back to the first adapter: no drift
+    eng.settle()
     assert torch.equal(w, first)
 
 
@@ -224,6 +231,7 @@ def test_bf16_wide_steps_use_fp32_copies_that_follow_every_delta(tiny_model_dir)
     assert w0.dtype == torch.float32 and (n0 - w0).abs().max() < 0.05  # bf16 rounding only
     delta = random_lora(eng, version=1)
     eng.apply_delta(delta)
+    eng.settle()
     a, b = delta.lora_pairs()["model.layers.0.mlp.down_proj"]
     wide_w = eng.fast.wide_params["model.layers.0.mlp.down_proj.weight"]
     base = eng._lora_base["model.layers.0.mlp.down_proj"]
@@ -244,3 +252,80 @@ def test_bf16_batched_greedy_is_independent_of_the_batch(tiny_model_dir):
     batch = eng.generate_greedy_batch(prompts, max_new_tokens=12)
     for msgs, b in zip(prompts, batch):
         assert eng.generate_greedy_batch([msgs], max_new_tokens=12)[0].token_ids == b.token_ids
+
+
+def _wait_folded(eng, timeout=20.0) -> bool:
+    end = time.monotonic() + timeout
+    while not eng.folded and time.monotonic() < end:
+        time.sleep(0.01)
+    return eng.folded
+
+
+def test_lora_delta_is_folded_in_the_background_and_generations_never_see_half_folded_weights(tiny_model_dir):
+    """apply_delta installs the adapter; the fold into the weights happens afterwards
+    (a background thread, or the next generation first). Either way every generation runs
+    on the fully folded new version: the same tokens and log-probs as after an explicit fold."""
+    eng = LocalEngine(tiny_model_dir, dtype="bf16")
+    ref = LocalEngine(tiny_model_dir, dtype="bf16")
+    params = GenParams(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=11)
+    before = eng.generate(MSGS, params)
+    for v, seed in ((1, 0), (2, 5), (3, 9)):
+        eng.apply_delta(random_lora(eng, version=v, seed=seed))
+        ref.apply_delta(random_lora(ref, version=v, seed=seed))
+        ref.settle()
+        got = eng.generate(MSGS, params)  # issued at once: folds whatever the background left
+        want = ref.generate(MSGS, params)
+        assert got.version == want.version == v and eng.folded
+        assert got.token_ids == want.token_ids and got.logprobs == want.logprobs
+    assert got.logprobs != before.logprobs  # the adapters did change the policy
+    # with no generation to wait for, the background thread folds on its own
+    eng.apply_delta(random_lora(eng, version=4, seed=2))
+    assert _wait_folded(eng)
+    ref.apply_delta(random_lora(ref, version=4, seed=2))
+    assert ref.settle() > 0 and eng.settle() < 5  # nothing left to fold in eng
+    for name, p in ref.model.named_parameters():
+        assert torch.equal(p, dict(eng.model.named_parameters())[name]), name
+
+
+def test_an_adapter_that_drops_a_module_restores_its_base_weight(tiny_model_dir):
+    eng = LocalEngine(tiny_model_dir, dtype="bf16")
+    down = eng.model.model.layers[0].mlp.down_proj.weight
+    base = down.detach().clone()
+    eng.apply_delta(random_lora(eng, version=1))
+    eng.settle()
+    assert not torch.equal(down, base)
+    partial = random_lora(eng, version=2, seed=4)
+    partial.tensors = {k: t for k, t in partial.tensors.items() if "layers.0.mlp.down_proj" not in k}
+    eng.apply_delta(partial)
+    eng.settle()
+    assert torch.equal(down, base)
+    assert torch.equal(eng.fast.wide_params["model.layers.0.mlp.down_proj.weight"], base.float())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_one_token_decode_step_matches_the_general_step(tiny_model_dir, dtype):
+    """The batch-1 decode kernel (_decode_one) against the general forward on the same
+    cache: equal in fp32; in bf16 both stay within bf16 rounding of an all-fp32 step."""
+    import copy
+
+    eng = LocalEngine(tiny_model_dir, dtype=dtype)
+    fast = eng.fast
+    ids = torch.tensor([eng.prompt_ids(MSGS)])
+    n = ids.shape[1]
+    with torch.inference_mode():
+        cache = fast.new_cache(1, n + 4)
+        assert cache.k.dtype == torch.float32  # attention runs on an fp32 cache in both dtypes
+        tok = fast.forward(ids, torch.arange(n)[None], cache).argmax(-1).view(1, 1)
+        pos = torch.tensor([[n]])
+        everywhere = torch.ones((1, n + 4), dtype=torch.bool)  # a mask forces the general path
+        c1, c2, c3 = copy.deepcopy(cache), copy.deepcopy(cache), copy.deepcopy(cache)
+        one = fast.forward(tok, pos, c1)  # -> _decode_one
+        general = fast.forward(tok, pos, c2, valid=everywhere, wide=False)
+        wide = fast.forward(tok, pos, c3, valid=everywhere, wide=True)
+    assert c1.length == c2.length == n + 1
+    if dtype == "fp32":
+        assert torch.allclose(one, general, atol=1e-5)
+        assert torch.allclose(c1.k[:, :, :, n], c2.k[:, :, :, n], atol=1e-6)
+    else:
+        assert (one - wide).abs().max() < 0.05 and (general - wide).abs().max() < 0.05
+        assert not torch.equal(one, wide)  # it did run in bf16

@@ -62,6 +62,7 @@ def test_turn_in_judgment_and_delta_back_applied(tmp_path, tiny_model_dir, engin
         assert journal.current_version() == 1
         v = journal.versions()[0]
         assert sorted(v["learned_from"]["turn_ids"]) == sorted(ids)
+        engine.settle()  # LoRA factors fold into the weights after apply_delta; reading them directly
         after = engine.model.model.layers[0].self_attn.q_proj.weight
         assert not after.eq(before).all()  # weights really changed
         st = link.request_status()

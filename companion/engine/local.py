@@ -16,6 +16,14 @@ Contract
   the new version serves from the next generation on. A refused delta (stale
   version, wrong base version, wrong base model, bad checksum, unknown tensor)
   raises :class:`backend.delta.DeltaError` and the current version keeps serving.
+- LoRA deltas are validated and installed in a few milliseconds; folding the factors
+  into the weights (``W = base + scale * B @ A``, ~100 ms for SmolLM2 at r16 on this
+  CPU, a rank-r product over every weight) happens after ``apply_delta`` returns: a
+  background thread folds layer by layer while the engine is idle, and every
+  generation first finishes whatever is left, under the generation lock. So no token
+  is ever computed on half-folded weights, numerics do not depend on timing, and the
+  fold costs the person nothing when it lands while they type (the usual case).
+  :meth:`settle` folds what is pending now (for callers that read the weights).
 
 Why a hand-written decode loop instead of ``model.generate``: we need the exact
 sampled ids with their log-probs, cancellation between tokens, and bf16 speed; the
@@ -157,6 +165,15 @@ class LocalEngine:
         self._scratch: dict[torch.Size, torch.Tensor] = {}  # fp32 merge buffers, one per weight shape
         self._params = dict(self.model.named_parameters())
         self._wide = self.fast.wide_params if self.fast is not None else {}  # HF name -> fp32 copy
+        # LoRA folding state, guarded by self._lock. module -> (A [r, in], B [out, r], scale):
+        # the adapter of the serving version (_lora_target) and the one the weights hold now
+        # (_lora_merged); modules absent from a dict hold / want the base weight. Layers whose
+        # modules differ are in _unfolded; generations fold them first (see module docstring).
+        self._lora_target: dict[str, tuple] = {}
+        self._lora_merged: dict[str, tuple] = {}
+        self._unfolded: dict[str, None] = {}  # module names, insertion-ordered
+        self._folder: threading.Thread | None = None
+        self._fold_wanted = threading.Event()
         self.delta_history: list[dict] = []
 
     # ------------------------------------------------------------------ prompts
@@ -237,8 +254,9 @@ class LocalEngine:
         prompt = self.prompt_ids(messages)
         n_prompt = len(prompt)
         with self._lock:
-            version = self.version
             t0 = time.perf_counter()
+            self._fold_pending()
+            version = self.version
             out_ids: list[int] = []
             logps: list[float] = []
             streamer = _TextStreamer(self.tokenizer)
@@ -308,8 +326,9 @@ class LocalEngine:
             valid[i, width - len(p) :] = 1
         positions = (valid.cumsum(-1) - 1).clamp(min=0)  # [B, P]
         with self._lock:
-            version = self.version
             t0 = time.perf_counter()
+            self._fold_pending()
+            version = self.version
             outs: list[list[int]] = [[] for _ in range(n)]
             logps: list[list[float]] = [[] for _ in range(n)]
             done = [False] * n
@@ -349,6 +368,8 @@ class LocalEngine:
 
         Accepts a :class:`Delta` or the ``(header, payload)`` pair from the wire, whose
         sha256 is verified first. Raises DeltaError (current version keeps serving).
+        A LoRA delta's factors are folded into the weights afterwards (see the module
+        docstring); the next generation runs on the new version either way.
         """
         if isinstance(delta, tuple):
             delta = unpack(*delta)
@@ -364,36 +385,95 @@ class LocalEngine:
                 )
             t0 = time.perf_counter()
             if delta.format == "lora":
-                self._apply_lora(delta)
+                self._install_lora(delta)
             else:
+                self._fold_pending()  # a full delta writes weights: start from the folded version
                 self._apply_full(delta)
             self.version = delta.version
             self.delta_history.append(
                 {"version": delta.version, "format": delta.format, "apply_ms": (time.perf_counter() - t0) * 1e3}
             )
-            return self.version
+        if self._unfolded:
+            self._start_folder()
+            self._fold_wanted.set()
+        return delta.version
 
-    @torch.no_grad()
-    def _apply_lora(self, delta: Delta) -> None:
+    def settle(self) -> float:
+        """Fold any LoRA factors still pending into the weights now; returns the ms it took.
+
+        Generations do this themselves; call it before reading weights directly."""
+        with self._lock:
+            t0 = time.perf_counter()
+            self._fold_pending()
+            return (time.perf_counter() - t0) * 1e3
+
+    @property
+    def folded(self) -> bool:
+        """True when the weights hold the serving version (no LoRA factors pending)."""
+        return not self._unfolded
+
+    def _install_lora(self, delta: Delta) -> None:
+        """Validate a LoRA delta and make its adapter the target; the weights are folded later."""
         pairs = delta.lora_pairs()
         scale = delta.lora_scaling
-        targets = {}
+        target = {}
         for module, (a, b) in pairs.items():  # a [r, in], b [out, r]
             w = self._params.get(f"{module}.weight")
             if w is None:
                 raise DeltaError(f"LoRA delta targets {module}, which this model does not have")
-            if (b.shape[0], a.shape[1]) != tuple(w.shape):
+            if (b.shape[0], a.shape[1]) != tuple(w.shape) or a.shape[0] != b.shape[1]:
                 raise DeltaError(f"LoRA factors for {module} do not fit its weight {tuple(w.shape)}")
-            targets[module] = (w, a, b)
-        # Validated everything before touching a weight: a refused delta changes nothing.
-        for module, (w, a, b) in targets.items():
-            base = self._lora_base.get(module)
-            if base is None:
-                base = self._lora_base[module] = w.detach().float().clone()
-            # W = base + scale * B @ A in one fp32 addmm, rounded once into the live weight.
-            # fp32 because CPU bf16 GEMMs with an inner size of r (8-16) are ~20x slower and a
-            # mixed bf16/fp32 in-place add is ~6x slower than this addmm + cast copy (measured).
-            wide = self._wide.get(f"{module}.weight")  # the fast path's fp32 copy, if any
+            target[module] = (a, b, scale)
+        # Validated everything before changing any state: a refused delta changes nothing.
+        self._lora_target = target
+        for module in set(target) | set(self._lora_merged):
+            if self._lora_merged.get(module) is not target.get(module):
+                self._unfolded[module] = None
+
+    def _start_folder(self) -> None:
+        if self._folder is None:
+            self._folder = threading.Thread(target=self._fold_in_background, name="lora-fold", daemon=True)
+            self._folder.start()
+
+    def _fold_in_background(self) -> None:
+        """Fold pending modules a few at a time, releasing the lock between them so a
+        generation that wants to start waits at most one small step (it then folds the rest)."""
+        while True:
+            self._fold_wanted.wait()
+            self._fold_wanted.clear()
+            while self._unfolded:
+                with self._lock:
+                    for _ in range(7):  # about one layer per lock hold
+                        if not self._unfolded:
+                            break
+                        self._fold(next(iter(self._unfolded)))
+                time.sleep(0)  # let a waiting generation take the lock
+
+    def _fold_pending(self) -> None:
+        """Fold every pending module (caller holds the lock)."""
+        while self._unfolded:
+            self._fold(next(iter(self._unfolded)))
+
+    @torch.no_grad()
+    def _fold(self, module: str) -> None:
+        """W = base + scale * B @ A (or the base) for one module (caller holds the lock)."""
+        del self._unfolded[module]
+        key = f"{module}.weight"
+        w = self._params[key]
+        wide = self._wide.get(key)  # the fast path's fp32 copy, if any
+        base = self._lora_base.get(module)
+        if base is None:  # first fold of this module: the live weight is still the base
+            base = self._lora_base[module] = (wide if wide is not None else w).detach().float().clone()
+        adapter = self._lora_target.get(module)
+        if adapter is None:  # the serving adapter does not touch this module
+            w.copy_(base)  # casts back to the serving dtype
+            if wide is not None:
+                wide.copy_(base)
+        else:
+            a, b, scale = adapter
+            # One fp32 addmm, rounded once into the live weight. fp32 because CPU bf16 GEMMs
+            # with an inner size of r (8-16) are ~20x slower and a mixed bf16/fp32 in-place add
+            # is ~6x slower than this addmm + cast copy (measured, docs/serving.md).
             if w.dtype == torch.float32:
                 torch.addmm(base, b.float(), a.float(), alpha=scale, out=w)  # [out, in]
             else:
@@ -406,11 +486,10 @@ class LocalEngine:
                         out = self._scratch[base.shape] = torch.empty(base.shape)
                 torch.addmm(base, b.float(), a.float(), alpha=scale, out=out)  # [out, in] fp32
                 w.copy_(out)
-        for module, base in self._lora_base.items():  # modules the new adapter no longer targets
-            if module not in targets:
-                self._params[f"{module}.weight"].copy_(base)  # casts back to the serving dtype
-                if f"{module}.weight" in self._wide:
-                    self._wide[f"{module}.weight"].copy_(base)
+        if adapter is None:
+            self._lora_merged.pop(module, None)
+        else:
+            self._lora_merged[module] = adapter
 
     @torch.no_grad()
     def _apply_full(self, delta: Delta) -> None:
@@ -431,3 +510,7 @@ class LocalEngine:
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
                 if module in self._lora_base:  # a full update redefines the base
                     self._lora_base[module] = t.detach().float().clone()
+                # the tensor is now exactly the weight: no adapter is folded into it or pending
+                self._lora_merged.pop(module, None)
+                self._lora_target.pop(module, None)
+                self._unfolded.pop(module, None)
