@@ -329,3 +329,23 @@ def test_one_token_decode_step_matches_the_general_step(tiny_model_dir, dtype):
     else:
         assert (one - wide).abs().max() < 0.05 and (general - wide).abs().max() < 0.05
         assert not torch.equal(one, wide)  # it did run in bf16
+
+
+def test_a_reply_that_stops_on_eos_carries_the_eos_token_and_its_logprob(engine):
+    """Stopping is a sampled decision the trainer must see: the eos id ends token_ids (with
+    its log-prob under the serving policy), and the text does not show it."""
+    params = GenParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=5)
+    free = engine.generate(MSGS, params)
+    k = next(i for i in range(2, 8) if free.token_ids[i] not in free.token_ids[:i])  # its first occurrence
+    stop_id = free.token_ids[k]
+    engine.eos_ids = [stop_id]  # pretend this token is the model's eos
+    r = engine.generate(MSGS, params)
+    assert r.finish_reason == "eos" and r.token_ids == free.token_ids[: k + 1]
+    assert r.token_ids[-1] == stop_id and len(r.logprobs) == len(r.token_ids)
+    assert r.logprobs == free.logprobs[: k + 1]
+    assert r.text == engine.tokenizer.decode(free.token_ids[:k], skip_special_tokens=True)
+    greedy = engine.generate(MSGS, GenParams(max_new_tokens=4, temperature=0))
+    engine.eos_ids = [greedy.token_ids[0]]  # the batch path: stops on its first token
+    [b] = engine.generate_greedy_batch([MSGS], max_new_tokens=4)
+    assert b.finish_reason == "eos" and b.token_ids == greedy.token_ids[:1] and b.text == ""
+    assert b.logprobs == pytest.approx(greedy.logprobs[:1], abs=1e-5)

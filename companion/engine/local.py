@@ -8,6 +8,10 @@ Contract
   ids and the policy version that produced it.
 - Log-probs are ``log p(a_t | s, a_<t)`` under the serving policy at temperature 1
   (the distribution the trainer recomputes), whatever temperature sampled them.
+- A reply that stopped on eos (``finish_reason == 'eos'``) ends its ``token_ids`` with that
+  eos id and its log-prob: ending is a sampled decision like any other token, and the
+  trainer must see it (a reply judged too short, or a non-answer, is judged *for stopping
+  there*; without the eos token no gradient reaches that choice). The text never shows it.
 - ``generate_greedy_batch`` decodes several prompts at once with left padding and
   explicit position ids; its replies equal one-by-one greedy replies (tested).
 - ``apply_delta`` installs a new policy version by copying into the parameters that
@@ -260,6 +264,7 @@ class LocalEngine:
             out_ids: list[int] = []
             logps: list[float] = []
             streamer = _TextStreamer(self.tokenizer)
+            stop = None  # (eos id, its log-prob) when the reply ends on eos
             finish = "length"
             t_first = None
             logits = state = None
@@ -280,6 +285,7 @@ class LocalEngine:
                     t_first = time.perf_counter()
                 if t in self.eos_ids:
                     finish = "eos"
+                    stop = (t, logp)
                     break
                 out_ids.append(t)
                 logps.append(logp)
@@ -291,6 +297,8 @@ class LocalEngine:
         if on_token is not None and len(text) > len(streamer.emitted) and text.startswith(streamer.emitted):
             on_token(text[len(streamer.emitted) :])
         t_first = t_first or t_end
+        if stop is not None:
+            out_ids, logps = out_ids + [stop[0]], logps + [stop[1]]
         return Reply(
             text=text,
             token_ids=out_ids,
@@ -342,11 +350,10 @@ class LocalEngine:
                     if done[i]:
                         continue
                     t = int(toks[i])
+                    outs[i].append(t)  # eos included, as in generate()
+                    logps[i].append(float(lp[i]))
                     if t in self.eos_ids:
                         done[i], finish[i] = True, "eos"
-                    else:
-                        outs[i].append(t)
-                        logps[i].append(float(lp[i]))
                 if all(done) or step == max_new_tokens - 1:
                     break
                 toks = torch.where(torch.tensor(done), torch.full_like(toks, self.pad_id), toks)
@@ -355,7 +362,8 @@ class LocalEngine:
             elapsed = time.perf_counter() - t0
         return [
             Reply(
-                text=self.tokenizer.decode(o, skip_special_tokens=True), token_ids=o, logprobs=lp_,
+                text=self.tokenizer.decode(o[:-1] if f == "eos" else o, skip_special_tokens=True),
+                token_ids=o, logprobs=lp_,
                 prompt_ids=p, version=version, finish_reason=f, messages=[dict(x) for x in m],
                 ttft_s=0.0, decode_s=elapsed,
             )
