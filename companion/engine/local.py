@@ -401,9 +401,9 @@ class LocalEngine:
             self.delta_history.append(
                 {"version": delta.version, "format": delta.format, "apply_ms": (time.perf_counter() - t0) * 1e3}
             )
-        if self._unfolded:
-            self._start_folder()
-            self._fold_wanted.set()
+            if self._unfolded:
+                self._start_folder()
+                self._fold_wanted.set()
         return delta.version
 
     def settle(self) -> float:
