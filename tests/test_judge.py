@@ -42,6 +42,9 @@ UNSEEN = [
     ("I wanted it in French, not German.", -1),
     ("Far too wordy, give me two lines max.", -1),
     ("What's the population of Kenya?", 0),
+    # sincere slang / plain praise that the judge before the 2026-11-21 session-3 bank rows judged -1 or 0
+    ("Sick, the deploy went through without a hitch.", 1),
+    ("Fine by me, the schedule works for everyone.", 1),
 ]
 
 
@@ -57,8 +60,8 @@ def test_embedding_judge_on_unseen_phrasings():
 
 
 @pytest.mark.parametrize("path,min_acc,max_flips", [
-    (HELDOUT_PATH, 0.92, 3),      # v1, a dev set: measured 0.937 and 2 of 111
-    (HELDOUT2_PATH, 0.87, 6),     # v2, never tuned on: measured 0.889 and 5 of 153
+    (HELDOUT_PATH, 0.90, 3),      # v1, a dev set: measured 0.910 and 2 of 111
+    (HELDOUT2_PATH, 0.91, 3),     # v2, never tuned on: measured 0.922 and 3 of 153 (target <= 2% = 3)
 ], ids=["v1", "v2"])
 def test_heldout_accuracy_and_flips(path, min_acc, max_flips):
     """Regression guard at the measured level (docs/judge.md)."""

@@ -16,7 +16,7 @@ TF-IDF + embeddings, (2) embeddings alone; members beyond the third are
 bootstrap resamples (seeded) of the same views. Each head votes its argmax,
 or 0 when its top probability is below ``cfg.abstain`` (off by default) or
 when its vote is -1/+1 but the opposite polarity is within ``cfg.polar_margin``
-(0.7) of it: a 0 costs accuracy, a polarity flip (+1 judged -1 or the
+(0.8) of it: a 0 costs accuracy, a polarity flip (+1 judged -1 or the
 reverse) teaches the policy the wrong thing. Reward = majority, tie -> 0
 (``majority_vote``). Nothing is a fixed word list: every weight is learned
 from the shipped bank, so unseen phrasings generalise through the embedding
@@ -66,7 +66,7 @@ class EmbeddingJudgeConfig:
     m: int = field(default=3, metadata={"help": "Number of votes (heads); the reward is their majority, a tie gives 0."})
     C: float = field(default=3.0, metadata={"help": "Inverse L2 strength of each logistic-regression head."})
     abstain: float = field(default=0.0, metadata={"help": "A head votes 0 when its top class probability is below this (0 = never abstain)."})
-    polar_margin: float = field(default=0.7, metadata={"help": "A head's -1 or +1 vote stands only when its probability exceeds the opposite polarity's by this much; otherwise the head votes 0 (0 = off)."})
+    polar_margin: float = field(default=0.8, metadata={"help": "A head's -1 or +1 vote stands only when its probability exceeds the opposite polarity's by this much; otherwise the head votes 0 (0 = off)."})
     tune_layers: int = field(default=3, metadata={"help": "Top MiniLM layers fine-tuned on the bank before the heads are fitted (0 = frozen MiniLM)."})
     tune_epochs: int = field(default=6, metadata={"help": "Passes over the bank when fine-tuning the top layers."})
     tune_lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the fine-tuning."})
