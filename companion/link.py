@@ -19,7 +19,7 @@ thread-safe; nothing else touches it):
 The chat never waits on the link: a dead backend only means the outbox grows.
 
 :func:`start_local_backend` starts ``companion backend`` as a child process on a
-private ipc endpoint (with its own thread budget: OMP/torch threads = 1) and
+private ipc endpoint (with its own thread budget: OMP/torch threads = 1 by default) and
 :class:`LocalBackend` stops it on exit.
 """
 
@@ -371,20 +371,29 @@ class LocalBackend:
 
 
 def start_local_backend(settings, extra_args: list[str] | None = None, endpoint: str | None = None,
-                        ready_timeout: float = 120.0, log_file: Path | None = None) -> LocalBackend:
+                        ready_timeout: float = 120.0, log_file: Path | None = None, threads: int = 1) -> LocalBackend:
     """Start ``companion backend`` as a child on a private ipc endpoint; returns when it is bound.
 
-    The child gets OMP_NUM_THREADS=1 (and trains with one torch thread) so serving here keeps a
-    core. ``settings`` supplies data_dir (backend state goes to ``<data_dir>/backend``) and model.
+    The child gets OMP_NUM_THREADS=``threads`` and trains with that many torch threads
+    (``--train-threads``, unless ``extra_args`` sets it), always with OMP_WAIT_POLICY=PASSIVE so
+    its idle threads sleep instead of spinning. The default 1 keeps a core for serving here
+    (the chat, free-running replays); a synchronous replay, where serving and training take
+    turns, gives both every core. ``settings`` supplies data_dir (backend state goes to
+    ``<data_dir>/backend``) and model.
     """
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    extra_args = list(extra_args or [])
+    if "--train-threads" not in extra_args:
+        extra_args += ["--train-threads", str(threads)]
     tmpdir = None
     if endpoint is None:
         tmpdir = Path(tempfile.mkdtemp(prefix="companion-"))  # mode 0700: private to this user
         endpoint = f"ipc://{tmpdir}/backend.sock"
     cmd = [sys.executable, "-m", "companion.cli", "backend", "--bind", endpoint,
            "--data-dir", str(settings.data_dir), *(["--model", str(settings.model)] if settings.model else []),
-           *(extra_args or [])]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE",
+           *extra_args]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     stderr = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, preexec_fn=_die_with_parent)

@@ -161,3 +161,58 @@ def test_a_dead_backend_is_one_clear_error(tmp_path, tiny_model_dir):
             learner.after_turn(msgs, reply, "way too long, keep it brief")
     finally:
         learner.close()
+
+
+# ------------------------------------------------------------------ thread budget
+def test_thread_budget_every_core_when_synchronous_one_each_when_free(monkeypatch):
+    import companion.sim.replay as replay
+    from companion.errors import UserError
+
+    monkeypatch.setattr(replay, "_cores", lambda: 2)
+    assert (ReplayConfig().threads, ReplayConfig().backend_threads) == (1, 1)  # the measured default
+    sync = ReplayConfig(threads=0, backend_threads=0)
+    assert (sync.threads, sync.backend_threads) == (2, 2)  # auto: serving and training take turns
+    free = ReplayConfig(sync=False, threads=0, backend_threads=0)
+    assert (free.threads, free.backend_threads) == (1, 1)  # both loops run at once: a core each
+    assert (ReplayConfig(threads=0, backend_threads=3).threads, ReplayConfig(backend_threads=3).backend_threads) == (2, 3)
+    monkeypatch.setattr(replay, "_cores", lambda: 64)
+    assert ReplayConfig(threads=0).threads == 4
+    with pytest.raises(UserError, match="--threads"):
+        ReplayConfig(backend_threads=-1)
+
+
+def test_local_backend_gets_its_thread_budget(monkeypatch, tmp_path):
+    import io
+
+    import companion.link as link
+    from companion.config import load_settings
+
+    seen = []
+
+    class FakeProc:
+        def __init__(self, cmd, env=None, **kw):
+            seen.append((cmd, env))
+            self.stdout, self.returncode = io.BytesIO(b"READY ipc://x\n"), None
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(link.subprocess, "Popen", FakeProc)
+    settings = load_settings(data_dir=tmp_path)
+    link.start_local_backend(settings, ["--method", "binary"], endpoint="ipc://x")
+    link.start_local_backend(settings, ["--method", "binary"], endpoint="ipc://x", threads=2)
+    link.start_local_backend(settings, ["--train-threads", "3"], endpoint="ipc://x", threads=2)
+    (c1, e1), (c2, e2), (c3, e3) = seen
+    assert c1[-2:] == ["--train-threads", "1"] and e1["OMP_NUM_THREADS"] == "1"  # the chat's default
+    assert c2[-2:] == ["--train-threads", "2"] and e2["OMP_NUM_THREADS"] == e2["MKL_NUM_THREADS"] == "2"
+    assert c3.count("--train-threads") == 1 and c3[-1] == "3"  # an explicit flag wins
+    assert {e["OMP_WAIT_POLICY"] for e in (e1, e2, e3)} == {"PASSIVE"}
+
+
+def test_explicit_trainer_weights_win_over_the_method_defaults():
+    from backend.stages import method_trainer_overrides as mto
+
+    assert mto("combined", {"w_opd": 0.5, "lr": 6e-4}) == {"w_rl": 1.0, "w_opd": 0.5, "lr": 6e-4}
+    assert mto("combined", {}) == {"w_rl": 1.0, "w_opd": 1.0}
+    assert mto("binary", {"w_opd": 0.5}) == {"w_rl": 1.0, "w_opd": 0.0}  # binary never uses OPD
+    assert mto("opd", {"w_opd": 0.5, "w_rl": 1.0}) == {"w_rl": 0.0, "w_opd": 0.5}

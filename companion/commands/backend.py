@@ -49,7 +49,7 @@ def argparse_suppress():
 def _run(args) -> int:
     from backend.loops import PipelineConfig
     from backend.server import BackendServer, ServerConfig
-    from backend.stages import METHOD_WEIGHTS, default_stages, tiny_stages
+    from backend.stages import default_stages, method_trainer_overrides, tiny_stages
     from companion.cli import settings_from_args
     from companion.errors import UserError
     from companion.keys import keys_dir
@@ -69,7 +69,7 @@ def _run(args) -> int:
         raise UserError(f"--trainer-json is not valid JSON: {exc}.") from None
     if not isinstance(overrides, dict):
         raise UserError("--trainer-json must be a JSON object of TrainerConfig fields.")
-    overrides.update(METHOD_WEIGHTS[args.method])
+    overrides = method_trainer_overrides(args.method, overrides)  # explicit w_rl / w_opd win
     model_path = resolve_model_path(settings)
     fp = model_fingerprint(model_path)
     if args.stages == "tiny":

@@ -41,12 +41,21 @@ def register(sub, common) -> None:
     g.add_argument("--llm-rater", action="store_true", help="an LLM also rates eval replies on 0-1 in steps of 0.25")
     p.add_argument("--no-sync", action="store_true", help="let the loops run free (product timing, not reproducible)")
     p.add_argument("--out", default="runs", help="folder for run outputs (default ./runs)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for serving (default 1; the backend uses 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for serving (default 1; 0 = every core, at most 4, when synchronous, since "
+                   "serving and training then take turns, 1 with --no-sync)")
+    p.add_argument("--backend-threads", type=int, default=1,
+                   help="torch threads of the backend child, judge + trainer (default 1; 0 = as for --threads)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
+    import os
+
+    # Before torch loads OpenMP: idle threads sleep instead of spinning (the backend child gets the
+    # same), so an eval or a turn's serving is not slowed by threads waiting in the other process.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from companion.cli import settings_from_args
     from companion.errors import UserError
     from companion.models import resolve_model_path
@@ -66,8 +75,6 @@ def _run(args) -> int:
     if args.llm_user or args.llm_rater:
         if not args.llm_endpoint:
             raise UserError("--llm-user and --llm-rater need --llm-endpoint URL.")
-        import os
-
         from companion.sim.llm import ChatEndpoint
 
         chat = ChatEndpoint(args.llm_endpoint, args.llm_model, api_key=os.environ.get("OPENAI_API_KEY"))
@@ -76,7 +83,8 @@ def _run(args) -> int:
     for method in methods:
         cfg = ReplayConfig(method=method, turns=args.turns, eval_every=args.eval_every, seed=args.seed,
                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sync=not args.no_sync,
-                           judge=args.judge, judge_m=args.judge_m, threads=args.threads, trainer_overrides=overrides)
+                           judge=args.judge, judge_m=args.judge_m, threads=args.threads,
+                           backend_threads=args.backend_threads, trainer_overrides=overrides)
         run_dir = make_run_dir(Path(args.out), persona.name, method)
         from companion.sim.llm import LLMPersonaUser, LLMRater
 

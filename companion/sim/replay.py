@@ -20,11 +20,20 @@ turn's judgment and, when a full training batch is waiting, for the new policy v
 before the next turn; the backend trains full batches only. The same seed then replays
 the same tasks, reactions and (given deterministic CPU kernels) the same replies.
 Without ``sync`` the loops run free, as in the product, and timing decides versions.
+
+Threads: serving and the backend child (judge, trainer) use 1 torch thread each by default.
+With ``sync`` they never compute at the same time, so ``threads=0`` / ``backend_threads=0``
+give each every core (at most 4); measured on this 2-core machine shared with other jobs, 2
+threads were 10-40% slower than 1 (batch-1 decoding is too small to split, and a thread the
+scheduler preempts stalls its partner at every barrier), so 1 stays the default. Both
+processes run with OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning
+(spinning made 2-thread decoding 4x slower beside other jobs).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -58,7 +67,11 @@ class ReplayConfig:
     sync: bool = _help("Wait for judgments and due policy versions (reproducible runs).", default=True)
     judge: str = _help("Judge name for backend.judge.load_judge ('embedding' or 'llm').", default="embedding")
     judge_m: int = _help("Judge votes per turn.", default=3)
-    threads: int = _help("Torch threads for serving (the backend child uses 1).", default=1)
+    threads: int = _help("Torch threads for serving; 0 = every core (at most 4) with sync, where serving and "
+                         "training take turns, 1 without. Default 1: on this shared 2-core machine 2 threads were "
+                         "slower (docs/replay.md, Session 3).", default=1)
+    backend_threads: int = _help("Torch threads of the backend child (judge + trainer); 0 = as for threads.",
+                                 default=1)
     wait_timeout_s: float = _help("Longest wait for one judgment or one policy update.", default=600.0)
     trainer_overrides: dict = _help("Extra TrainerConfig fields for the backend (JSON-able).", default_factory=dict)
 
@@ -71,6 +84,19 @@ class ReplayConfig:
             raise UserError("--max-new-tokens must be at least 8.")
         if self.batch_size < 1 or self.judge_m < 1:
             raise UserError("--batch-size and --judge-m must be at least 1.")
+        if self.threads < 0 or self.backend_threads < 0:
+            raise UserError("--threads and --backend-threads must be 0 (auto) or positive.")
+        # Resolved here so report.json's config records the thread counts actually used.
+        auto = min(_cores(), 4) if self.sync else 1
+        self.threads = self.threads or auto
+        self.backend_threads = self.backend_threads or auto
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass
@@ -187,7 +213,8 @@ class SystemLearner:
             extra_args=["--method", cfg.method, "--batch-size", str(cfg.batch_size), "--judge", cfg.judge,
                         "--judge-m", str(cfg.judge_m), "--trainer-json", json.dumps(cfg.trainer_overrides or {}),
                         "--train-after", "0"],
-            endpoint=f"ipc://{sock_dir}/backend.sock", log_file=run_dir / "backend.log", ready_timeout=180.0)
+            endpoint=f"ipc://{sock_dir}/backend.sock", log_file=run_dir / "backend.log", ready_timeout=180.0,
+            threads=cfg.backend_threads)
         self.journal = Journal(run_dir / "companion.db", client_id=f"replay-{cfg.method}-{cfg.seed}")
         self.link = Link(self.journal, self.backend.endpoint, engine=engine)
         self._judgments: dict[str, dict] = {}
