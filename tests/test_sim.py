@@ -216,3 +216,10 @@ def test_explicit_trainer_weights_win_over_the_method_defaults():
     assert mto("combined", {}) == {"w_rl": 1.0, "w_opd": 1.0}
     assert mto("binary", {"w_opd": 0.5}) == {"w_rl": 1.0, "w_opd": 0.0}  # binary never uses OPD
     assert mto("opd", {"w_opd": 0.5, "w_rl": 1.0}) == {"w_rl": 0.0, "w_opd": 0.5}
+
+
+def test_replay_trains_combined_at_half_the_opd_weight_unless_told():
+    assert ReplayConfig().trainer_overrides == {"w_opd": 0.5}
+    assert ReplayConfig(trainer_overrides={"w_opd": 1.0, "lr": 6e-4}).trainer_overrides == {"w_opd": 1.0, "lr": 6e-4}
+    assert ReplayConfig(method="binary").trainer_overrides == {}
+    assert ReplayConfig(method="opd", trainer_overrides={"lr": 1e-4}).trainer_overrides == {"lr": 1e-4}

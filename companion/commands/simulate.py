@@ -33,7 +33,8 @@ def register(sub, common) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="samples per policy update (default 4)")
     p.add_argument("--judge", default="embedding", help="judge for backend.judge.load_judge (default embedding, the CPU judge; the llm judge needs an endpoint the replay backend does not pass yet)")
     p.add_argument("--judge-m", type=int, default=3, help="judge votes per turn (default 3)")
-    p.add_argument("--trainer", metavar="JSON", default="{}", help="extra TrainerConfig fields as JSON, e.g. '{\"lr\": 5e-4}'")
+    p.add_argument("--trainer", metavar="JSON", default="{}", help="extra TrainerConfig fields as JSON, e.g. '{\"lr\": 5e-4}'; the replay's combined "
+                   "defaults to w_opd 0.5 (docs/replay.md, Session 3)")
     g = p.add_argument_group("LLM roles (optional, any OpenAI-compatible endpoint)")
     g.add_argument("--llm-endpoint", metavar="URL", help="e.g. http://localhost:30000/v1")
     g.add_argument("--llm-model", default="default", help="model name sent to the endpoint")

@@ -46,6 +46,10 @@ from companion.sim.persona import Persona
 from companion.sim.user import SimulatedUser
 
 METHODS = ("combined", "binary", "opd", "none", "memory")
+# Replay defaults for the backend's TrainerConfig, per method; explicit --trainer fields win.
+# combined at w_opd 0.5: student all-pass 0.154 -> 0.615 with distinct-4 at most 0.058 below base,
+# against 0.385 (drop 0.233) at w_opd 1.0 on the same code (docs/replay.md, Session 3; one seed).
+REPLAY_TRAINER_DEFAULTS = {"combined": {"w_opd": 0.5}}
 MEMORY_HEADER = "\n\nWhat this user told you before (follow it):"
 
 
@@ -73,7 +77,8 @@ class ReplayConfig:
     backend_threads: int = _help("Torch threads of the backend child (judge + trainer); 0 = as for threads.",
                                  default=1)
     wait_timeout_s: float = _help("Longest wait for one judgment or one policy update.", default=600.0)
-    trainer_overrides: dict = _help("Extra TrainerConfig fields for the backend (JSON-able).", default_factory=dict)
+    trainer_overrides: dict = _help("Extra TrainerConfig fields for the backend (JSON-able); merged over "
+                                    "REPLAY_TRAINER_DEFAULTS (combined: w_opd 0.5).", default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,6 +91,7 @@ class ReplayConfig:
             raise UserError("--batch-size and --judge-m must be at least 1.")
         if self.threads < 0 or self.backend_threads < 0:
             raise UserError("--threads and --backend-threads must be 0 (auto) or positive.")
+        self.trainer_overrides = {**REPLAY_TRAINER_DEFAULTS.get(self.method, {}), **(self.trainer_overrides or {})}
         # Resolved here so report.json's config records the thread counts actually used.
         auto = min(_cores(), 4) if self.sync else 1
         self.threads = self.threads or auto
