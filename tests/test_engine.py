@@ -224,7 +224,7 @@ def test_bf16_wide_steps_use_fp32_copies_that_follow_every_delta(tiny_model_dir)
 
     def both():
         narrow = eng.fast.forward(ids, pos, eng.fast.new_cache(1, ids.shape[1]), wide=False)
-        wide = eng.fast.forward(ids, pos, eng.fast.new_cache(1, ids.shape[1], wide=True), wide=True)
+        wide = eng.fast.forward(ids, pos, eng.fast.new_cache(1, ids.shape[1]), wide=True)
         return narrow, wide
 
     n0, w0 = both()

@@ -140,15 +140,13 @@ class FastLlama:
         self.sin = emb.sin().to(self.dtype)
         self.cos32, self.sin32 = emb.cos(), emb.sin()
 
-    def new_cache(self, batch: int, max_len: int, wide: bool = False) -> KVCache:
-        """A KV cache, fp32 whenever the model keeps fp32 copies (``wide``: kept for callers).
-
-        fp32 even for bf16 decode steps: attention over the cache is the one product whose
-        size grows with the context, and a bf16 SDPA over 200 cached positions costs 4-5x an
-        fp32 one on this CPU (no bf16 units: 270-400 vs 55-95 us per layer, measured); the
-        bf16 step only casts its one query row up and the attention output back down."""
-        dtype = torch.float32 if (wide or self.wide is not None) else self.dtype
-        return KVCache(len(self.layers), batch, self.n_kv, max_len, self.head_dim, dtype)
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache, always fp32: a bf16 model's multi-row steps run in fp32 anyway, and for
+        its bf16 decode steps attention over the cache is the one product whose size grows with
+        the context; a bf16 SDPA over 200 cached positions costs 4-5x an fp32 one on this CPU
+        (no bf16 units: 270-400 vs 55-95 us per layer, measured). A bf16 step only casts its
+        one query row up and the attention output back down."""
+        return KVCache(len(self.layers), batch, self.n_kv, max_len, self.head_dim, torch.float32)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -174,7 +172,7 @@ class FastLlama:
         if wide is None:
             wide = b * s > 1
         wide = bool(wide) and self.wide is not None
-        if b == 1 and s == 1 and valid is None and not wide and cache.k.dtype == torch.float32:
+        if b == 1 and s == 1 and valid is None and not wide:
             return self._decode_one(ids.view(1), positions.view(1), cache)
         start, end = cache.length, cache.length + s
         if end > cache.max_len:
@@ -209,7 +207,7 @@ class FastLlama:
             cache.k[li, :, :, start:end] = k
             cache.v[li, :, :, start:end] = v
             keys, vals = cache.k[li, :, :, :end], cache.v[li, :, :, :end]  # [B, Hkv, T, D]
-            if keys.dtype != q.dtype:  # attention runs in the cache's dtype (fp32: see new_cache)
+            if keys.dtype != q.dtype:  # a bf16 step: attention runs in the cache's fp32 (see new_cache)
                 q = q.to(keys.dtype)
             att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, is_causal=causal, enable_gqa=True)
             x = x + F.linear(att.transpose(1, 2).reshape(b, s, self.n_q).to(x.dtype), W["o"])

@@ -220,7 +220,7 @@ class LocalEngine:
         (batched evaluation: the same numerics whatever the batch size); None runs multi-row
         steps (the prefill) in fp32 and single-token steps in the serving dtype."""
         if self.fast is not None:
-            cache = self.fast.new_cache(ids.shape[0], max_len, wide=bool(wide))
+            cache = self.fast.new_cache(ids.shape[0], max_len)
             padded = bool((valid == 0).any())
             full_valid = torch.ones((ids.shape[0], max_len), dtype=torch.bool)
             full_valid[:, : ids.shape[1]] = valid.bool()
@@ -477,6 +477,7 @@ class LocalEngine:
             w.copy_(base)  # casts back to the serving dtype
             if wide is not None:
                 wide.copy_(base)
+            self._lora_merged.pop(module, None)
         else:
             a, b, scale = adapter
             # One fp32 addmm, rounded once into the live weight. fp32 because CPU bf16 GEMMs
@@ -494,9 +495,6 @@ class LocalEngine:
                         out = self._scratch[base.shape] = torch.empty(base.shape)
                 torch.addmm(base, b.float(), a.float(), alpha=scale, out=out)  # [out, in] fp32
                 w.copy_(out)
-        if adapter is None:
-            self._lora_merged.pop(module, None)
-        else:
             self._lora_merged[module] = adapter
 
     @torch.no_grad()
