@@ -100,6 +100,20 @@ def test_combined_reward_centering_shrinks_constant_punishment(tiny_model_dir):
     assert abs(third.rl_adv_mean) < abs(second.rl_adv_mean)
 
 
+@pytest.mark.parametrize("agg", ["token", "sample"])
+def test_loss_aggregation_weighs_tokens_or_replies(tiny_model_dir, agg):
+    # One update's first loss is -mean(advantage) (ratio 1): with a long -1 reply and a short +1
+    # reply, 'token' weighs them by length and 'sample' counts each reply once.
+    tr = Trainer(cfg(lr=1e-3, loss_agg=agg), model_path=tiny_model_dir)
+    long_bad = rewarded(tr, -1)
+    short_good = Sample(**{**long_bad.to_dict(), "reward": 1, "response_ids": long_bad.response_ids[:3]})
+    n_long, n_short = len(long_bad.response_ids), 3
+    assert n_long > 2 * n_short
+    rep = tr.update([long_bad, short_good])
+    expected = (n_long - n_short) / (n_long + n_short) if agg == "token" else 0.0
+    assert rep.loss_first == pytest.approx(expected, abs=1e-5)
+
+
 def test_kl_anchor_starts_at_zero_and_is_reported(tiny_model_dir):
     tr = Trainer(cfg(lr=1e-2, kl_coef=0.1, epochs=2, minibatch_size=1), model_path=tiny_model_dir)
     s = rewarded(tr, 1)
@@ -245,7 +259,7 @@ def test_greedy_probe_and_repetition_metric(tiny_model_dir):
 
 
 def test_config_and_export_errors(tiny_model_dir):
-    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1)):
+    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean")):
         with pytest.raises(UserError):
             TrainerConfig(**bad)
     assert TrainerConfig().learning_rate == 3e-4 and TrainerConfig(mode="full").learning_rate == 1e-5

@@ -42,6 +42,10 @@ class TrainerConfig:
     teacher: str = _help("OPD teacher: 'self' (current policy + hint) or 'base' (frozen base + hint).", default="self")
     opd_topk: int = _help("0 = token-level OPD on the sampled tokens; k > 0 = top-k OPD over the teacher's k best tokens.", default=0)
     opd_topk_clip: float = _help("Clip of the per-token log-ratio in top-k OPD.", default=2.0)
+    loss_agg: str = _help(
+        "How token losses are averaged: 'token' (every reply token of a minibatch weighs the same, so long "
+        "replies dominate) or 'sample' (each reply's tokens are averaged first, then the replies: a short "
+        "praised reply counts as much as a long criticised one).", default="token")
     baseline: str = _help("Reward centering: 'ema' (running mean of rewards subtracted) or 'none'.", default="ema")
     baseline_momentum: float = _help("EMA momentum of the reward baseline, per sample.", default=0.9)
     kl_coef: float = _help("Weight of the KL(k3) anchor to the base policy (0 = off).", default=0.05)
@@ -77,6 +81,7 @@ class TrainerConfig:
             (0 <= self.eps_low < 1 and self.eps_high >= 0, "eps_low must be in [0, 1) and eps_high non-negative."),
             (self.teacher in ("self", "base"), "teacher must be 'self' or 'base'."),
             (self.opd_topk >= 0, "opd_topk must be 0 (off) or positive."),
+            (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
             (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),
             (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),
             (self.kl_coef >= 0 and self.entropy_coef >= 0 and self.entropy_floor >= 0, "kl_coef, entropy_coef and entropy_floor must be >= 0."),

@@ -467,6 +467,9 @@ class Trainer:
             snapshot = ({n: p.detach().clone() for n, p in self.trainable.items()},
                         copy.deepcopy(self.optimizer.state_dict()))
         # --- PPO epochs
+        # Per-token weights of the masked means: 1 for 'token' aggregation, 1/len(reply) for 'sample'
+        # (masked_mean divides by the weights' sum, so each reply then counts once per minibatch).
+        token_weights = torch.cat([torch.full((n,), 1.0 if cfg.loss_agg == "token" else 1.0 / n) for n in lens])  # [n_tok]
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
         for _epoch in range(cfg.epochs):
             for a in range(0, len(samples), mb):
@@ -479,14 +482,14 @@ class Trainer:
                     logits, tgt = self._reply_logits(pairs[a : a + mb])
                     lp, ent = L.token_logp(logits, tgt, with_entropy=True)  # entropy is also reported
                 lp, ent = lp[0], ent[0]  # [n]
-                mask = torch.ones_like(lp)
+                mask = token_weights[s0:s1]
                 loss, cf = L.ppo_loss(lp, old_lp[s0:s1], adv[s0:s1], mask, cfg.eps_low, cfg.eps_high)
                 if topk_data is not None:
                     tk, ti, old_topk, opd_mask = topk_data
                     logz = L.log_normalizer(logits)
                     loss = loss + cfg.w_opd * L.topk_opd_loss(
                         logits, logz, old_topk[s0:s1].unsqueeze(0), tk[s0:s1].unsqueeze(0),
-                        ti[s0:s1].unsqueeze(0), opd_mask[s0:s1].unsqueeze(0).float(),
+                        ti[s0:s1].unsqueeze(0), (opd_mask[s0:s1] * mask).unsqueeze(0),
                         cfg.opd_topk_clip, cfg.eps_low, cfg.eps_high)
                 if base_lp is not None:
                     kl = L.kl_k3(lp, base_lp[s0:s1], mask)
