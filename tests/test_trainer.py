@@ -114,6 +114,19 @@ def test_loss_aggregation_weighs_tokens_or_replies(tiny_model_dir, agg):
     assert rep.loss_first == pytest.approx(expected, abs=1e-5)
 
 
+def test_lr_decay_shrinks_each_update_and_zero_keeps_it_constant(tiny_model_dir):
+    s = None
+    for decay, expected in ((0.5, [1e-3, 1e-3 / 1.5, 1e-3 / 2.0]), (0.0, [1e-3] * 3)):
+        tr = Trainer(cfg(lr=1e-3, lr_decay=decay), model_path=tiny_model_dir)
+        s = s or rewarded(tr, 1)
+        used = []
+        for _ in range(3):
+            used.append(tr.current_lr())
+            tr.update([s])
+            assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(used[-1])
+        assert used == pytest.approx(expected)
+
+
 def test_kl_anchor_starts_at_zero_and_is_reported(tiny_model_dir):
     tr = Trainer(cfg(lr=1e-2, kl_coef=0.1, epochs=2, minibatch_size=1), model_path=tiny_model_dir)
     s = rewarded(tr, 1)
@@ -259,7 +272,7 @@ def test_greedy_probe_and_repetition_metric(tiny_model_dir):
 
 
 def test_config_and_export_errors(tiny_model_dir):
-    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean")):
+    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1)):
         with pytest.raises(UserError):
             TrainerConfig(**bad)
     assert TrainerConfig().learning_rate == 3e-4 and TrainerConfig(mode="full").learning_rate == 1e-5

@@ -31,6 +31,9 @@ class TrainerConfig:
         default=("qkv", "proj", "fc1", "fc2"),
     )
     lr: float | None = _help("AdamW learning rate; None = 3e-4 for LoRA, 1e-5 for full.", default=None)
+    lr_decay: float = _help(
+        "Learning-rate decay per update: update v (0, 1, ...) uses lr / (1 + lr_decay * v); 0 = constant. "
+        "Damps later updates once the first corrections are learned, without ever stopping learning.", default=0.0)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     epochs: int = _help("Passes over each batch of samples per update (PPO epochs).", default=2)
     minibatch_size: int = _help("Samples per optimizer step within an epoch.", default=4)
@@ -77,6 +80,7 @@ class TrainerConfig:
             (all(t in ("qkv", "proj", "fc1", "fc2", "o", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
                  for t in self.lora_targets) and self.lora_targets, "lora_targets must be among qkv, proj, fc1, fc2."),
             (self.lr is None or self.lr > 0, "lr must be positive."),
+            (self.lr_decay >= 0, "lr_decay must be >= 0."),
             (self.epochs >= 1 and self.minibatch_size >= 1, "epochs and minibatch_size must be at least 1."),
             (0 <= self.eps_low < 1 and self.eps_high >= 0, "eps_low must be in [0, 1) and eps_high non-negative."),
             (self.teacher in ("self", "base"), "teacher must be 'self' or 'base'."),

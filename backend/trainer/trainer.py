@@ -359,6 +359,10 @@ class Trainer:
                     p.grad.mul_(scale)
         return norm
 
+    def current_lr(self) -> float:
+        """The learning rate of the next update (``lr_decay`` counts the versions made so far)."""
+        return self.cfg.learning_rate / (1.0 + self.cfg.lr_decay * self.version)
+
     def _advantages(self, samples, old_lp, teacher_lp):
         """Per-token advantages [N] and the RL / OPD parts' means."""
         cfg = self.cfg
@@ -467,6 +471,8 @@ class Trainer:
             snapshot = ({n: p.detach().clone() for n, p in self.trainable.items()},
                         copy.deepcopy(self.optimizer.state_dict()))
         # --- PPO epochs
+        for group in self.optimizer.param_groups:  # set every update: a guard rollback reloads the old groups
+            group["lr"] = self.current_lr()
         # Per-token weights of the masked means: 1 for 'token' aggregation, 1/len(reply) for 'sample'
         # (masked_mean divides by the weights' sum, so each reply then counts once per minibatch).
         token_weights = torch.cat([torch.full((n,), 1.0 if cfg.loss_agg == "token" else 1.0 / n) for n in lens])  # [n_tok]
