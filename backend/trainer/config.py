@@ -48,7 +48,9 @@ class TrainerConfig:
     loss_agg: str = _help(
         "How token losses are averaged: 'token' (every reply token of a minibatch weighs the same, so long "
         "replies dominate) or 'sample' (each reply's tokens are averaged first, then the replies: a short "
-        "praised reply counts as much as a long criticised one).", default="token")
+        "praised reply counts as much as a long criticised one). 'sample' is the default: on the student replay "
+        "it ended at all-pass 0.615 on average over 3 seeds against 0.462 for 'token', with less repetition "
+        "(docs/replay.md, Session 4).", default="sample")
     baseline: str = _help("Reward centering: 'ema' (running mean of rewards subtracted) or 'none'.", default="ema")
     baseline_momentum: float = _help("EMA momentum of the reward baseline, per sample.", default=0.9)
     kl_coef: float = _help("Weight of the KL(k3) anchor to the base policy (0 = off).", default=0.05)
