@@ -7,7 +7,8 @@ Contract:
   megatron's ``reduce_from_tensor_model_parallel_region``: all-reduce forward,
   identity backward, which is the exact gradient because downstream values are
   replicated). At TP=1 they are plain log-softmax arithmetic.
-- Masks select reply tokens only; all means are token means over the mask.
+- Masks select reply tokens only and may carry weights: every mean is sum(x * mask) / sum(mask)
+  (the trainer passes 1 per token, or 1 / reply length to count each reply once).
 - PPO: ratio = exp(logp - old), loss = -min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A).
 - KL to base uses the k3 estimator exp(b-l) - (b-l) - 1 (>= 0, unbiased).
 """

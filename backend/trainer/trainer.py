@@ -18,8 +18,11 @@ Learning rule per reply token t (A = advantage, old = log-probs recomputed here
 before the update; the serving log-probs only feed ``train_serve_gap``):
   A_t = w_rl * (r - b) * [r != 0]  +  w_opd * (log p_teacher(a_t | s + hint) - old_t) * [hint]
 with b the running reward baseline (``cfg.baseline``). Loss = PPO clip(A) +
-kl_coef * KL_k3(policy || base) + entropy_coef * relu(entropy_floor - H), token means
-over reply tokens; top-k OPD (``opd_topk > 0``) replaces the token-level OPD term.
+kl_coef * KL_k3(policy || base) + entropy_coef * relu(entropy_floor - H). The PPO, OPD and
+KL terms are averaged over each reply's tokens and then over the replies (``loss_agg="sample"``,
+the default) or over all reply tokens of the minibatch (``"token"``); the entropy term is a
+token mean. Top-k OPD (``opd_topk > 0``) replaces the token-level OPD term. Update v uses
+lr / (1 + lr_decay * v).
 """
 
 from __future__ import annotations
