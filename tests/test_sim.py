@@ -106,6 +106,18 @@ def test_replay_none_is_reproducible_and_writes_every_output(tmp_path, tiny_mode
     assert rep["judged_turns"] == 6 and rep["judge_agreement"] is not None
     strip = lambda c: [(p["turn"], p["score"], p["all_pass"], p["distinct4"]) for p in c]  # noqa: E731
     assert strip(rep["curve"]) == strip(rep2["curve"])
+    # compare_runs: labelled runs, the seeds named in the title, a clear error for a bad folder
+    other_seed = tmp_path / "seed2"
+    other_seed.mkdir()
+    (other_seed / "report.json").write_text(json.dumps({**saved, "seed": saved["seed"] + 1}))
+    cmd = [sys.executable, str(ROOT / "scripts/compare_runs.py"), str(d), str(other_seed), "--names", "none a,none b",
+           "--out", str(tmp_path / "cmp")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert f"(seeds {saved['seed']}, {saved['seed'] + 1}, 6 turns)" in out and "| none a" in out and "| none b" in out
+    assert set(json.loads(out.strip().splitlines()[-1])) == {"none a", "none b"}
+    assert (tmp_path / "cmp" / "plot.png").stat().st_size > 0
+    bad = subprocess.run(cmd[:3] + [str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no report.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_memory_baseline_puts_judge_hints_in_the_system_prompt(tmp_path, tiny_model_dir):

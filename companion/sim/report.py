@@ -152,7 +152,9 @@ def summary_md(r: dict) -> str:
 def compare_md(reports: dict[str, dict]) -> str:
     """A table like the paper's Table 3: one row per method, base and final figures."""
     any_rep = next(iter(reports.values()))
-    lines = [f"# {any_rep['persona']}: methods compared (seed {any_rep['seed']}, {any_rep['turns']} turns)", "",
+    seeds = sorted({r["seed"] for r in reports.values()})
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(map(str, seeds))
+    lines = [f"# {any_rep['persona']}: methods compared ({seed_text}, {any_rep['turns']} turns)", "",
              "| method | base score | final score | base all-pass | final all-pass | turns to 0.8 | distinct-4 drop | judge agreement | s/turn |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m, r in reports.items():
