@@ -30,7 +30,6 @@ import numpy as np
 from backend.judge.data import HELDOUT_PATH, TRAIN_PATH, load_bank
 
 FOLDS = 5
-CLASSES = np.array([-1, 0, 1])
 
 
 def folds(y: np.ndarray) -> list[np.ndarray]:
@@ -74,7 +73,7 @@ def features(args) -> None:
 
 def evaluate(args) -> None:
     from backend.judge.base import majority_vote
-    from backend.judge.embedding import EmbeddingJudgeConfig, _Heads
+    from backend.judge.embedding import EmbeddingJudgeConfig, _Heads, head_votes
 
     texts, y, n, n_cv = _data(args)
     out = Path(args.out)
@@ -92,9 +91,8 @@ def evaluate(args) -> None:
             P_cv[s][te] = probs(np.load(out / f"{args.tag}-s{s}-f{k}.npy"), np.setdiff1d(np.arange(n), te), te)
         P_v1[s] = probs(np.load(out / f"{args.tag}-s{s}-ffull.npy"), np.arange(n), v1)
 
-    def votes(P, margin):             # the judge's head rule (embedding.py): polar vote needs the margin
-        v = CLASSES[P.argmax(-1)]
-        return np.where((v != 0) & (np.abs(P[..., 2] - P[..., 0]) < margin), 0, v)
+    def votes(P, margin):             # the judge's own head rule, abstain off as in its default
+        return head_votes(P, 0.0, margin)
 
     def majority(V):
         return np.array([majority_vote([int(x) for x in row]) for row in V])

@@ -141,12 +141,19 @@ class _Heads:
                 cache[kind] = self._X(kind, texts, X_emb)
             P = clf.predict_proba(cache[kind])                        # [N, 3], columns = clf.classes_
             P = P[:, np.searchsorted(clf.classes_, _CLASSES)]
-            v = _CLASSES[P.argmax(1)]
-            v = np.where(P.max(1) < self.abstain, 0, v)
-            margin = np.abs(P[:, 2] - P[:, 0])                       # P(vote) - P(opposite) for a polar vote
-            votes[:, j] = np.where((v != 0) & (margin < self.polar_margin), 0, v)
+            votes[:, j] = head_votes(P, self.abstain, self.polar_margin)
             probs[:, j] = P
         return votes, probs
+
+
+def head_votes(P: np.ndarray, abstain: float, polar_margin: float) -> np.ndarray:
+    """One head's votes from its probabilities [..., 3] (classes -1, 0, 1) -> [...] in {-1, 0, 1}:
+    the argmax, or 0 when the top probability is below ``abstain`` or when a polar vote's
+    probability exceeds the opposite polarity's by less than ``polar_margin``."""
+    v = _CLASSES[P.argmax(-1)]
+    v = np.where(P.max(-1) < abstain, 0, v)
+    margin = np.abs(P[..., 2] - P[..., 0])                            # P(vote) - P(opposite) for a polar vote
+    return np.where((v != 0) & (margin < polar_margin), 0, v)
 
 
 class EmbeddingJudge(Judge):
