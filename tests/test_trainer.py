@@ -216,6 +216,40 @@ def test_resume_refuses_a_mismatched_checkpoint(tiny_model_dir, tmp_path):
         Trainer(cfg(mode="full"), model_path=tiny_model_dir, checkpoint_dir=tmp_path)
 
 
+class _ScriptedTeacher(Trainer):
+    """A trainer whose greedy replies are scripted: the tiny random model never ends a reply."""
+
+    script: list[list[int]] = []
+
+    def greedy_cached(self, prompts, max_new_tokens):
+        assert max_new_tokens == self.cfg.teacher_reply_tokens
+        return [list(r) for r in self.script[: len(prompts)]]
+
+
+def test_teacher_replies_train_the_unhinted_prompt_towards_the_teachers_own_reply(tiny_model_dir):
+    tr = _ScriptedTeacher(cfg(lr=3e-3, w_rl=0.0, w_opd=0.0, teacher_replies=True, teacher_reply_tokens=12),
+                          model_path=tiny_model_dir)
+    hinted = fixed_samples(tr.tokenizer)[1]
+    assert hinted.teacher_prompt_ids is not None
+    good = prompt_ids(tr, "The capital is Paris.")[-6:]
+    criticised = [t for t in hinted.response_ids if t != tr.eos_id]
+    # dropped: no reply, one cut at the length limit, a loop, the criticised reply itself
+    for bad in ([], list(range(12)), [5, 6, 7] * 3, criticised):
+        tr.script = [bad]
+        assert tr.teacher_reply_samples([hinted]) == []
+    tr.script = [good]
+    [t] = tr.teacher_reply_samples([hinted, rewarded(tr, 1)])  # only hinted samples get one
+    assert t.prompt_ids == hinted.prompt_ids and t.response_ids == good + [tr.eos_id]
+    assert t.teacher_prompt_ids is None and t.advantage == 0.5 and t.reward == 0
+    before = mean_logp(tr, t)
+    rep = tr.update([hinted])
+    assert rep.n_samples == 1 and rep.n_teacher_replies == 1 and rep.n_tokens == len(hinted.response_ids) + len(good) + 1
+    assert mean_logp(tr, t) > before + 0.05  # the unhinted prompt now prefers the teacher's reply
+    assert tr.n_rewards == 1  # only the judged sample moved the reward baseline
+    off = _ScriptedTeacher(cfg(w_rl=0.0, w_opd=0.0), model_path=tiny_model_dir)
+    assert off.update([hinted]).n_teacher_replies == 0
+
+
 class _LoopingProbe(Trainer):
     """A trainer whose greedy probe reports a loop after any update (drives the guard's refusal path)."""
 
@@ -272,7 +306,7 @@ def test_greedy_probe_and_repetition_metric(tiny_model_dir):
 
 
 def test_config_and_export_errors(tiny_model_dir):
-    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1)):
+    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(w_teacher_reply=-1)):
         with pytest.raises(UserError):
             TrainerConfig(**bad)
     assert TrainerConfig().learning_rate == 3e-4 and TrainerConfig(mode="full").learning_rate == 1e-5

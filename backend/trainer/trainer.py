@@ -22,7 +22,9 @@ kl_coef * KL_k3(policy || base) + entropy_coef * relu(entropy_floor - H). The PP
 KL terms are averaged over each reply's tokens and then over the replies (``loss_agg="sample"``,
 the default) or over all reply tokens of the minibatch (``"token"``); the entropy term is a
 token mean. Top-k OPD (``opd_topk > 0``) replaces the token-level OPD term. Update v uses
-lr / (1 + lr_decay * v).
+lr / (1 + lr_decay * v). With ``teacher_replies`` the batch also holds, for every hinted sample,
+the teacher's own greedy reply to the hinted prompt, trained on the *unhinted* prompt with
+A_t = w_teacher_reply (a :class:`TeacherReply`); it never enters the reward baseline.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +62,15 @@ def repeated_ngram_fraction(ids: list[int], n: int = 3) -> float:
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
+
+
+@dataclass
+class TeacherReply(Sample):
+    """A reply the OPD teacher wrote itself for a hinted sample's prompt (``teacher_replies``):
+    ``prompt_ids`` is the *unhinted* prompt, ``response_ids`` the teacher's reply ending in eos,
+    and every token gets the fixed ``advantage``."""
+
+    advantage: float = 0.0
 
 
 class Trainer:
@@ -374,6 +386,8 @@ class Trainer:
         for s in samples:
             n = min(len(s.response_ids), cfg.max_tokens - 1)
             a = torch.zeros(n)
+            if isinstance(s, TeacherReply):
+                a += s.advantage
             if s.reward != 0 and cfg.w_rl:
                 a += cfg.w_rl * (s.reward - b)
                 rl_parts.append(s.reward - b)
@@ -393,6 +407,32 @@ class Trainer:
                 self.baseline = m * self.baseline + (1 - m) * s.reward
                 self.n_rewards += 1
 
+    def teacher_reply_samples(self, samples: list[Sample]) -> list[TeacherReply]:
+        """The teacher's own greedy replies to the hinted prompts of ``samples`` (``teacher_replies``).
+
+        Dropped: a reply that does not end within ``teacher_reply_tokens`` (a cut reply would
+        teach the policy not to stop), one whose repeated-3-gram share exceeds ``guard_max_repeat``
+        (a loop), and one identical to the criticised reply (the hint changed nothing, so training
+        towards it would reinforce what was criticised)."""
+        cfg = self.cfg
+        hinted = [s for s in samples if s.teacher_prompt_ids is not None]
+        if not hinted:
+            return []
+        with (self._base_ctx() if cfg.teacher == "base" else nullcontext()):
+            replies = self.greedy_cached([s.teacher_prompt_ids for s in hinted], cfg.teacher_reply_tokens)
+        out = []
+        for s, r in zip(hinted, replies):
+            criticised = [t for t in s.response_ids if t != self.eos_id]
+            if not r or len(r) >= cfg.teacher_reply_tokens or r == criticised:
+                continue
+            if repeated_ngram_fraction(r) > cfg.guard_max_repeat:
+                continue
+            out.append(TeacherReply(
+                turn_id=s.turn_id, user=s.user, prompt_ids=list(s.prompt_ids), response_ids=r + [self.eos_id],
+                rollout_logprobs=None, reward=0, hint=None, teacher_prompt_ids=None,
+                policy_version=s.policy_version, advantage=cfg.w_teacher_reply))
+        return out
+
     def update(self, samples: list[Sample]) -> UpdateReport:
         """One policy update over ``samples``; checkpoints the new version before returning."""
         cfg = self.cfg
@@ -401,6 +441,11 @@ class Trainer:
         if not samples:
             return UpdateReport(version=self.version, accepted=False, reason="no samples", n_samples=0,
                                 n_tokens=0, loss=0.0, seconds=0.0, train_serve_gap=None)
+        n_judged = len(samples)
+        t_teach = time.perf_counter()
+        if cfg.teacher_replies and cfg.w_teacher_reply > 0:
+            samples = samples + self.teacher_reply_samples(samples)
+        teacher_reply_s = time.perf_counter() - t_teach
         pairs = [(s.prompt_ids, s.response_ids) for s in samples]
         hinted = [i for i, s in enumerate(samples) if s.teacher_prompt_ids is not None]
         use_opd = bool(hinted) and cfg.w_opd > 0
@@ -518,7 +563,8 @@ class Trainer:
         report = UpdateReport(
             version=self.version, base_version=self.version, accepted=True, reason="",
             loss=sum(losses) / len(losses), loss_first=losses[0], loss_last=losses[-1],
-            n_samples=len(samples), n_tokens=n_tok, n_hinted=len(hinted),
+            n_samples=n_judged, n_tokens=n_tok, n_hinted=len(hinted), n_teacher_replies=len(samples) - n_judged,
+            teacher_reply_s=teacher_reply_s,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
             grad_norm=max(norms), baseline=self.baseline if cfg.baseline == "ema" else 0.0,
