@@ -220,14 +220,16 @@ class _ScriptedTeacher(Trainer):
     """A trainer whose greedy replies are scripted: the tiny random model never ends a reply."""
 
     script: list[list[int]] = []
+    seen: list[float] = []  # the writing model's score of a fixed sample, at each call
 
     def greedy_cached(self, prompts, max_new_tokens):
         assert max_new_tokens == self.cfg.teacher_reply_tokens
+        self.seen.append(self.score([rewarded(self, 1)])[0])
         return [list(r) for r in self.script[: len(prompts)]]
 
 
 def test_teacher_replies_train_the_unhinted_prompt_towards_the_teachers_own_reply(tiny_model_dir):
-    tr = _ScriptedTeacher(cfg(lr=3e-3, w_rl=0.0, w_opd=0.0, teacher_replies=True, teacher_reply_tokens=12),
+    tr = _ScriptedTeacher(cfg(lr=3e-3, w_rl=0.0, w_opd=0.0, teacher_replies="self", teacher_reply_tokens=12),
                           model_path=tiny_model_dir)
     hinted = fixed_samples(tr.tokenizer)[1]
     assert hinted.teacher_prompt_ids is not None
@@ -248,6 +250,18 @@ def test_teacher_replies_train_the_unhinted_prompt_towards_the_teachers_own_repl
     assert tr.n_rewards == 1  # only the judged sample moved the reward baseline
     off = _ScriptedTeacher(cfg(w_rl=0.0, w_opd=0.0), model_path=tiny_model_dir)
     assert off.update([hinted]).n_teacher_replies == 0
+
+
+def test_base_teacher_replies_are_written_by_the_frozen_base(tiny_model_dir):
+    for who in ("self", "base"):
+        tr = _ScriptedTeacher(cfg(lr=3e-3, teacher_replies=who, teacher_reply_tokens=12), model_path=tiny_model_dir)
+        tr.script, tr.seen = [[1, 2, 3]], []
+        hinted = fixed_samples(tr.tokenizer)[1]
+        tr.update([hinted])
+        tr.update([hinted])
+        assert tr.score([rewarded(tr, 1)])[0] != pytest.approx(tr.seen[0], abs=1e-4)  # the policy moved
+        # the base writes with the weights of version 0 every time; 'self' with the current policy
+        assert (tr.seen[1] == pytest.approx(tr.seen[0], abs=1e-6)) == (who == "base")
 
 
 class _LoopingProbe(Trainer):
@@ -306,7 +320,7 @@ def test_greedy_probe_and_repetition_metric(tiny_model_dir):
 
 
 def test_config_and_export_errors(tiny_model_dir):
-    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(w_teacher_reply=-1)):
+    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(w_teacher_reply=-1), dict(teacher_replies="yes")):
         with pytest.raises(UserError):
             TrainerConfig(**bad)
     assert TrainerConfig().learning_rate == 3e-4 and TrainerConfig(mode="full").learning_rate == 1e-5

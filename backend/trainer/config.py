@@ -45,13 +45,14 @@ class TrainerConfig:
     teacher: str = _help("OPD teacher: 'self' (current policy + hint) or 'base' (frozen base + hint).", default="self")
     opd_topk: int = _help("0 = token-level OPD on the sampled tokens; k > 0 = top-k OPD over the teacher's k best tokens.", default=0)
     opd_topk_clip: float = _help("Clip of the per-token log-ratio in top-k OPD.", default=2.0)
-    teacher_replies: bool = _help(
-        "Hindsight distillation on the teacher's own reply: for every hinted sample the OPD teacher (policy "
-        "or base, see 'teacher', with the hint) also writes a greedy reply, and the policy is trained towards it "
-        "*without* the hint (a positive advantage 'w_teacher_reply' on each of its tokens, under the same PPO "
-        "clip). OPD only re-scores the criticised reply; this shows the policy a reply written with the "
+    teacher_replies: str = _help(
+        "Hindsight distillation on a teacher-written reply: 'off', 'self' (the current policy with the hint writes "
+        "it) or 'base' (the frozen base model with the hint: a fixed target that cannot drift with the policy). "
+        "For every hinted sample that model writes a greedy reply to the hinted prompt, and the policy is trained "
+        "towards it *without* the hint (a positive advantage 'w_teacher_reply' on each of its tokens, under the "
+        "same PPO clip). OPD only re-scores the criticised reply; this shows the policy a reply written with the "
         "correction in mind. Replies that do not finish, loop or repeat the criticised reply are dropped.",
-        default=False)
+        default="off")
     w_teacher_reply: float = _help("Advantage of every token of a teacher-written reply (teacher_replies).", default=0.5)
     teacher_reply_tokens: int = _help("Longest teacher-written reply (tokens); one that does not end sooner is dropped.",
                                       default=160)
@@ -97,6 +98,7 @@ class TrainerConfig:
             (0 <= self.eps_low < 1 and self.eps_high >= 0, "eps_low must be in [0, 1) and eps_high non-negative."),
             (self.teacher in ("self", "base"), "teacher must be 'self' or 'base'."),
             (self.opd_topk >= 0, "opd_topk must be 0 (off) or positive."),
+            (self.teacher_replies in ("off", "self", "base"), "teacher_replies must be 'off', 'self' or 'base'."),
             (self.w_teacher_reply >= 0 and self.teacher_reply_tokens >= 1,
              "w_teacher_reply must be >= 0 and teacher_reply_tokens at least 1."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),

@@ -22,8 +22,8 @@ kl_coef * KL_k3(policy || base) + entropy_coef * relu(entropy_floor - H). The PP
 KL terms are averaged over each reply's tokens and then over the replies (``loss_agg="sample"``,
 the default) or over all reply tokens of the minibatch (``"token"``); the entropy term is a
 token mean. Top-k OPD (``opd_topk > 0``) replaces the token-level OPD term. Update v uses
-lr / (1 + lr_decay * v). With ``teacher_replies`` the batch also holds, for every hinted sample,
-the teacher's own greedy reply to the hinted prompt, trained on the *unhinted* prompt with
+lr / (1 + lr_decay * v). With ``teacher_replies`` ('self' | 'base') the batch also holds, for every hinted
+sample, that model's own greedy reply to the hinted prompt, trained on the *unhinted* prompt with
 A_t = w_teacher_reply (a :class:`TeacherReply`); it never enters the reward baseline.
 """
 
@@ -66,7 +66,7 @@ def repeated_ngram_fraction(ids: list[int], n: int = 3) -> float:
 
 @dataclass
 class TeacherReply(Sample):
-    """A reply the OPD teacher wrote itself for a hinted sample's prompt (``teacher_replies``):
+    """A reply the policy or the base wrote, with the hint, for a hinted sample's prompt (``teacher_replies``):
     ``prompt_ids`` is the *unhinted* prompt, ``response_ids`` the teacher's reply ending in eos,
     and every token gets the fixed ``advantage``."""
 
@@ -408,7 +408,7 @@ class Trainer:
                 self.n_rewards += 1
 
     def teacher_reply_samples(self, samples: list[Sample]) -> list[TeacherReply]:
-        """The teacher's own greedy replies to the hinted prompts of ``samples`` (``teacher_replies``).
+        """Greedy replies of the policy or the base (``teacher_replies``) to the hinted prompts of ``samples``.
 
         Dropped: a reply that does not end within ``teacher_reply_tokens`` (a cut reply would
         teach the policy not to stop), one whose repeated-3-gram share exceeds ``guard_max_repeat``
@@ -418,7 +418,7 @@ class Trainer:
         hinted = [s for s in samples if s.teacher_prompt_ids is not None]
         if not hinted:
             return []
-        with (self._base_ctx() if cfg.teacher == "base" else nullcontext()):
+        with (self._base_ctx() if cfg.teacher_replies == "base" else nullcontext()):
             replies = self.greedy_cached([s.teacher_prompt_ids for s in hinted], cfg.teacher_reply_tokens)
         out = []
         for s, r in zip(hinted, replies):
@@ -443,7 +443,7 @@ class Trainer:
                                 n_tokens=0, loss=0.0, seconds=0.0, train_serve_gap=None)
         n_judged = len(samples)
         t_teach = time.perf_counter()
-        if cfg.teacher_replies and cfg.w_teacher_reply > 0:
+        if cfg.teacher_replies != "off" and cfg.w_teacher_reply > 0:
             samples = samples + self.teacher_reply_samples(samples)
         teacher_reply_s = time.perf_counter() - t_teach
         pairs = [(s.prompt_ids, s.response_ids) for s in samples]
