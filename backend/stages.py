@@ -32,8 +32,9 @@ def method_trainer_overrides(method: str, overrides: dict | None) -> dict:
     """TrainerConfig overrides for a method: its weights are defaults an explicit w_rl / w_opd may change.
 
     A method's zero weight stays zero (``binary`` never uses OPD or teacher-written replies, ``opd``
-    never the reward), so one set of overrides serves every method of a ``simulate --compare``. (Until 2026-11-21 the method's
-    weights replaced explicit ones, so ``--trainer '{"w_opd": 0.5}'`` trained combined at w_opd 1.0.)
+    never the reward), so one set of overrides serves every method of a ``simulate --compare``.
+    (Until 2026-11-21 the method's weights replaced explicit ones, so ``--trainer '{"w_opd": 0.5}'``
+    trained combined at w_opd 1.0.)
     """
     out = dict(overrides or {})
     for key, default in METHOD_WEIGHTS[method].items():
