@@ -24,7 +24,8 @@ from typing import Any
 from backend.loops import Stages
 
 # The learning methods of the paper as trainer weights: binary RL, OPD, or both.
-METHOD_WEIGHTS = {"combined": {"w_rl": 1.0, "w_opd": 1.0}, "binary": {"w_rl": 1.0, "w_opd": 0.0},
+METHOD_WEIGHTS = {"combined": {"w_rl": 1.0, "w_opd": 1.0},
+                  "binary": {"w_rl": 1.0, "w_opd": 0.0, "w_teacher_reply": 0.0},  # no hint-driven term at all
                   "opd": {"w_rl": 0.0, "w_opd": 1.0}}
 
 
@@ -39,8 +40,6 @@ def method_trainer_overrides(method: str, overrides: dict | None) -> dict:
     out = dict(overrides or {})
     for key, default in METHOD_WEIGHTS[method].items():
         out[key] = 0.0 if default == 0.0 else float(out.get(key, default))
-    if method == "binary" and out.get("teacher_replies", "off") != "off":
-        out["teacher_replies"] = "off"  # teacher-written replies come from hints, which binary RL never uses
     return out
 
 

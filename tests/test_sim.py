@@ -226,11 +226,11 @@ def test_explicit_trainer_weights_win_over_the_method_defaults():
 
     assert mto("combined", {"w_opd": 0.5, "lr": 6e-4}) == {"w_rl": 1.0, "w_opd": 0.5, "lr": 6e-4}
     assert mto("combined", {}) == {"w_rl": 1.0, "w_opd": 1.0}
-    assert mto("binary", {"w_opd": 0.5}) == {"w_rl": 1.0, "w_opd": 0.0}  # binary never uses OPD
+    assert mto("binary", {"w_opd": 0.5}) == {"w_rl": 1.0, "w_opd": 0.0, "w_teacher_reply": 0.0}  # binary never uses OPD
     assert mto("opd", {"w_opd": 0.5, "w_rl": 1.0}) == {"w_rl": 0.0, "w_opd": 0.5}
-    tr = {"teacher_replies": "base"}  # hints drive teacher-written replies: never for binary
-    assert mto("binary", tr)["teacher_replies"] == "off"
-    assert mto("combined", tr)["teacher_replies"] == mto("opd", tr)["teacher_replies"] == "base"
+    tr = {"teacher_replies": "base", "w_teacher_reply": 0.5}  # hints drive teacher-written replies: never for binary
+    assert mto("binary", tr)["w_teacher_reply"] == 0.0
+    assert mto("combined", tr) == {**tr, "w_rl": 1.0, "w_opd": 1.0} and mto("opd", tr) == {**tr, "w_rl": 0.0, "w_opd": 1.0}
 
 
 def test_replay_trains_combined_at_half_the_opd_weight_unless_told():

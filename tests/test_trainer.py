@@ -248,8 +248,10 @@ def test_teacher_replies_train_the_unhinted_prompt_towards_the_teachers_own_repl
     assert rep.n_samples == 1 and rep.n_teacher_replies == 1 and rep.n_tokens == len(hinted.response_ids) + len(good) + 1
     assert mean_logp(tr, t) > before + 0.05  # the unhinted prompt now prefers the teacher's reply
     assert tr.n_rewards == 1  # only the judged sample moved the reward baseline
-    off = _ScriptedTeacher(cfg(w_rl=0.0, w_opd=0.0), model_path=tiny_model_dir)
-    assert off.update([hinted]).n_teacher_replies == 0
+    for off_cfg in (cfg(w_rl=0.0, w_opd=0.0), cfg(teacher_replies="self", w_teacher_reply=0.0)):  # off, or binary's weight 0
+        off = _ScriptedTeacher(off_cfg, model_path=tiny_model_dir)
+        off.script = [good]
+        assert off.update([hinted]).n_teacher_replies == 0
 
 
 def test_base_teacher_replies_are_written_by_the_frozen_base(tiny_model_dir):
