@@ -1,6 +1,7 @@
 """Dev-set harness for the CPU judge: 5-fold CV of the training bank (fine-tuning redone per fold) + v1.
 
-Never reads held-out v2. Step 1 (``features``) fine-tunes MiniLM's top layers for every
+Also scores the negation probe (praise that names a flaw in the negative, and complaints
+with the same negations) with the whole-bank encoder and heads. Never reads held-out v2. Step 1 (``features``) fine-tunes MiniLM's top layers for every
 (fold, seed) on the fold's training part and stores the message views of every bank row and
 every v1 row under that encoder (``fold = full`` is the whole bank; v1 is scored with it).
 Step 2 (``eval``) fits the heads on the stored features and prints dev accuracy and polarity
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
-from backend.judge.data import HELDOUT_PATH, TRAIN_PATH, load_bank
+from backend.judge.data import HELDOUT_PATH, NEGATION_PROBE_PATH, TRAIN_PATH, load_bank
 
 FOLDS = 5
 
@@ -39,11 +40,11 @@ def folds(y: np.ndarray) -> list[np.ndarray]:
 
 
 def _data(args):
-    bank, v1 = load_bank(args.bank), load_bank(HELDOUT_PATH)
-    texts = [r["next"] for r in bank] + [r["next"] for r in v1]
-    y = np.array([r["label"] for r in bank] + [r["label"] for r in v1])
+    bank, v1, neg = load_bank(args.bank), load_bank(HELDOUT_PATH), load_bank(NEGATION_PROBE_PATH)
+    rows = bank + v1 + neg
+    texts, y = [r["next"] for r in rows], np.array([r["label"] for r in rows])
     n_cv = args.cv_rows or len(bank)
-    return texts, y, len(bank), n_cv
+    return texts, y, len(bank), len(v1), n_cv
 
 
 def features(args) -> None:
@@ -53,7 +54,7 @@ def features(args) -> None:
     from backend.judge.features import Featurizer
     from backend.judge.tune import TuneConfig, train_top_layers, with_top_layers
 
-    texts, y, n, n_cv = _data(args)
+    texts, y, n, _, n_cv = _data(args)
     base = SentenceEncoder()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,21 +76,22 @@ def evaluate(args) -> None:
     from backend.judge.base import majority_vote
     from backend.judge.embedding import EmbeddingJudgeConfig, _Heads, head_votes
 
-    texts, y, n, n_cv = _data(args)
+    texts, y, n, n_v1, n_cv = _data(args)
     out = Path(args.out)
-    v1 = np.arange(n, len(y))
+    v1, neg = np.arange(n, n + n_v1), np.arange(n + n_v1, len(y))
 
     def probs(X, tr, te):
         """[len(te), 3 heads (char, word, emb views), 3 classes] from heads fitted on tr."""
         h = _Heads([texts[i] for i in tr], X[tr], y[tr], np.ones(len(tr)), EmbeddingJudgeConfig(m=3, C=args.C, polar_margin=0.0))
         return h.vote([texts[i] for i in te], X[te])[1]
 
-    P_cv, P_v1 = {}, {}
+    P_cv, P_v1, P_neg = {}, {}, {}
     for s in args.seeds:
         P_cv[s] = np.zeros((n_cv, 3, 3))
         for k, te in enumerate(folds(y[:n_cv])):
             P_cv[s][te] = probs(np.load(out / f"{args.tag}-s{s}-f{k}.npy"), np.setdiff1d(np.arange(n), te), te)
-        P_v1[s] = probs(np.load(out / f"{args.tag}-s{s}-ffull.npy"), np.arange(n), v1)
+        X_full = np.load(out / f"{args.tag}-s{s}-ffull.npy")
+        P_v1[s], P_neg[s] = probs(X_full, np.arange(n), v1), probs(X_full, np.arange(n), neg)
 
     def votes(P, margin):             # the judge's own head rule, abstain off as in its default
         return head_votes(P, 0.0, margin)
@@ -107,13 +109,15 @@ def evaluate(args) -> None:
                 lambda P, ss=ss, m=margin: majority(np.stack([votes(P[s][:, i], m) for i, s in enumerate(ss)], 1)))
             recipes[f"seeds {ss}: 9 heads, margin {margin}"] = (
                 lambda P, ss=ss, m=margin: majority(np.concatenate([votes(P[s], m) for s in ss], 1)))
-    ycv, yv1 = y[:n_cv], y[v1]
-    print(f"{'recipe':55s} {'CV acc':>7s} {'flips':>5s} {'v1 acc':>7s} {'flips':>5s} {'dev acc':>7s} {'flips':>5s}")
+    ycv, yv1, yneg = y[:n_cv], y[v1], y[neg]
+    print(f"{'recipe':55s} {'CV acc':>7s} {'flips':>5s} {'v1 acc':>7s} {'flips':>5s} {'dev acc':>7s} {'flips':>5s}"
+          f" {'neg acc':>7s} {'flips':>5s}")
     for name, f in recipes.items():
-        p1, p2 = f(P_cv), f(P_v1)
+        p1, p2, p3 = f(P_cv), f(P_v1), f(P_neg)
         ok, fl = (p1 == ycv).sum() + (p2 == yv1).sum(), int((p1 * ycv == -1).sum() + (p2 * yv1 == -1).sum())
         print(f"{name:55s} {(p1 == ycv).mean():7.3f} {int((p1 * ycv == -1).sum()):5d} {(p2 == yv1).mean():7.3f} "
-              f"{int((p2 * yv1 == -1).sum()):5d} {ok / (n_cv + len(v1)):7.3f} {fl:5d}")
+              f"{int((p2 * yv1 == -1).sum()):5d} {ok / (n_cv + len(v1)):7.3f} {fl:5d}"
+              f" {(p3 == yneg).mean():7.3f} {int((p3 * yneg == -1).sum()):5d}")
 
 
 def main() -> int:

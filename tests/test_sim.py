@@ -153,6 +153,9 @@ def test_cli_simulate_reports_user_errors():
     res = subprocess.run([sys.executable, "-m", "companion.cli", "simulate", "--turns", "0"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2 and "--turns" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "companion.cli", "simulate", "--top-p", "1.5"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and "--top-p" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_a_dead_backend_is_one_clear_error(tmp_path, tiny_model_dir):

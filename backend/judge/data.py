@@ -28,6 +28,10 @@ HELDOUT_PATH = DATA_DIR / "followups_heldout.jsonl"
 # Written after HELDOUT_PATH had been used for tuning, committed before any further tuning
 # (docs/judge.md, "Held-out results"): the unbiased figures come from this one.
 HELDOUT2_PATH = DATA_DIR / "followups_heldout2.jsonl"
+# Praise that names a flaw in the negative ("doesn't ramble") and complaints with the same
+# negations, written by a separate author without seeing the bank (docs/judge.md, Session 6).
+# A dev set for that failure class: scripts/dev_judge.py reports it; never trained on.
+NEGATION_PROBE_PATH = DATA_DIR / "followups_negation_probe.jsonl"
 
 
 def load_bank(path: Path | str) -> list[dict]:

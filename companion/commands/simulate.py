@@ -30,6 +30,9 @@ def register(sub, common) -> None:
     p.add_argument("--eval-every", type=int, default=6, help="evaluate every N turns and at turn 0 (default 6)")
     p.add_argument("--seed", type=int, default=0, help="seed: task order, reactions, sampling (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest reply in tokens (default 160)")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature of training turns (default 0.7; evaluation is always greedy)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of training turns (default 0.9)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per policy update (default 4)")
     p.add_argument("--judge", default="embedding", help="judge for backend.judge.load_judge (default embedding, the CPU judge; the llm judge needs an endpoint the replay backend does not pass yet)")
     p.add_argument("--judge-m", type=int, default=3, help="judge votes per turn (default 3)")
@@ -83,7 +86,8 @@ def _run(args) -> int:
     reports = {}
     for method in methods:
         cfg = ReplayConfig(method=method, turns=args.turns, eval_every=args.eval_every, seed=args.seed,
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, sync=not args.no_sync,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           batch_size=args.batch_size, sync=not args.no_sync,
                            judge=args.judge, judge_m=args.judge_m, threads=args.threads,
                            backend_threads=args.backend_threads, trainer_overrides=overrides)
         run_dir = make_run_dir(Path(args.out), persona.name, method)

@@ -87,6 +87,8 @@ class ReplayConfig:
             raise UserError("--turns and --eval-every must be at least 1.")
         if self.max_new_tokens < 8:
             raise UserError("--max-new-tokens must be at least 8.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise UserError("--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1].")
         if self.batch_size < 1 or self.judge_m < 1:
             raise UserError("--batch-size and --judge-m must be at least 1.")
         if self.threads < 0 or self.backend_threads < 0:
