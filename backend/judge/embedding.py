@@ -173,7 +173,7 @@ class EmbeddingJudge(Judge):
         self.hinter = None
         if self.cfg.hints:
             from backend.hints import CPUHintExtractor
-            self.hinter = CPUHintExtractor(self.featurizer, cache_dir=self._cache_dir())
+            self.hinter = CPUHintExtractor(self.featurizer, cache_dir=self._cache_dir(), train_path=self.cfg.train_path)
         self.base_heads = self._load_or_fit([])
 
     # -- fitting and caching ------------------------------------------------
