@@ -241,3 +241,28 @@ def test_replay_trains_combined_at_half_the_opd_weight_unless_told():
     assert ReplayConfig(trainer_overrides={"w_opd": 1.0, "lr": 6e-4}).trainer_overrides == {"w_opd": 1.0, "lr": 6e-4}
     assert ReplayConfig(method="binary").trainer_overrides == {}
     assert ReplayConfig(method="opd", trainer_overrides={"lr": 1e-4}).trainer_overrides == {"lr": 1e-4}
+
+
+def test_report_names_each_polarity_flip_with_its_count():
+    """A phrasing the judge reads the wrong way round is listed with how often, in report and summary."""
+    from companion.sim.replay import EvalPoint, TurnRecord
+    from companion.sim.report import build_report, summary_md
+
+    def turn(i, kind, intended, message, reward):
+        return TurnRecord(turn=i, session=i, task="t", rewrite_of=None, policy_version=0, reply_words=10,
+                          finish_reason="stop", score=1.0, all_pass=intended == 1, failed="", reaction_kind=kind,
+                          intended=intended, next_message=message, judge_reward=reward, judge_hint=None,
+                          serve_s=0.1, judge_s=0.01, train_wait_s=0.0, turn_id=str(i))
+
+    turns = [turn(1, "praise", 1, "nice, not too long", -1), turn(2, "praise", 1, "nice, not too long", -1),
+             turn(3, "praise", 1, "perfect", 1), turn(4, "correction", -1, "shorter please", -1),
+             turn(5, "praise", 1, "nice, not too long", 0), turn(6, "vague", -1, "meh", 1)]
+    curve = [EvalPoint(0, 0, 0.5, 0.0, 0.9, {}, 1.0), EvalPoint(6, 1, 0.6, 0.2, 0.9, {}, 1.0)]
+    r = build_report(load_persona("student"), ReplayConfig(), turns, curve, wall_s=10.0, final_version=1)
+    assert r["judge_flips"] == [{"message": "nice, not too long", "intended": 1, "reward": -1, "turns": 2},
+                                {"message": "meh", "intended": -1, "reward": 1, "turns": 1}]
+    assert r["judge_agreement"] == pytest.approx(2 / 6)
+    md = summary_md(r)
+    assert "'nice, not too long' meant +1, judged -1 (2x)" in md and "'meh' meant -1, judged +1 (1x)" in md
+    r_clean = build_report(load_persona("student"), ReplayConfig(), turns[2:4], curve, wall_s=1.0, final_version=1)
+    assert r_clean["judge_flips"] == [] and "polarity flips" not in summary_md(r_clean)

@@ -6,7 +6,9 @@ base_score, base_all_pass, base_distinct4, final_score, final_all_pass, final_di
 max_distinct4_drop (base distinct-4 minus the lowest later one), curve (one point per
 evaluation: turn, version, score, all_pass, distinct4, per_pref, seconds),
 judge_agreement (share of judged turns whose reward equals the simulator's intended
-label, with a confusion table), time_per_turn_s (serving, judging, training wait, total),
+label, with a confusion table), judge_flips (each next message the judge read with the opposite
+polarity of the intended label, with how often: one systematic flip can hide in a high agreement),
+time_per_turn_s (serving, judging, training wait, total),
 wall_s, final_version, config.
 """
 
@@ -35,6 +37,13 @@ def build_report(persona, cfg, turns: list, curve: list, wall_s: float, final_ve
         row = confusion.setdefault(str(t.intended), {})
         row[str(t.judge_reward)] = row.get(str(t.judge_reward), 0) + 1
     agreement = sum(t.judge_reward == t.intended for t in judged) / len(judged) if judged else None
+    flips: dict[tuple[str, int, int], int] = {}
+    for t in judged:
+        if t.judge_reward * t.intended == -1:
+            key = (t.next_message, t.intended, t.judge_reward)
+            flips[key] = flips.get(key, 0) + 1
+    judge_flips = [{"message": m, "intended": i, "reward": r, "turns": c}
+                   for (m, i, r), c in sorted(flips.items(), key=lambda kv: -kv[1])]
     n = len(turns) or 1
     serve = sum(t.serve_s for t in turns) / n
     judge = _mean([t.judge_s for t in turns])
@@ -59,6 +68,7 @@ def build_report(persona, cfg, turns: list, curve: list, wall_s: float, final_ve
         "curve": [asdict(p) for p in curve],
         "judge_agreement": agreement,
         "judge_confusion_intended_to_reward": confusion,
+        "judge_flips": judge_flips,
         "judged_turns": len(judged),
         "reactions": {k: sum(t.reaction_kind == k for t in turns) for k in ("praise", "correction", "vague", "neutral")},
         "train_turn_all_pass": sum(t.all_pass for t in turns) / n,
@@ -135,6 +145,9 @@ def summary_md(r: dict) -> str:
         f"judge agreement with the simulator's intended label: {_f(r['judge_agreement'])} over {r['judged_turns']} turns "
         f"(intended -> judge reward: {json.dumps(r['judge_confusion_intended_to_reward'])})",
         "",
+        *([f"polarity flips (the judge read the opposite of what the person meant): "
+           + "; ".join(f"{f['message']!r} meant {f['intended']:+d}, judged {f['reward']:+d} ({f['turns']}x)"
+                       for f in r["judge_flips"]), ""] if r.get("judge_flips") else []),
         f"time per turn: serving {_f(t['serving'])} s, judging {_f(t['judging'])} s, "
         f"waiting for training {_f(t['training_wait'])} s, total {_f(t['total'])} s; evaluation {r['eval_s_total']:.0f} s in all",
         "",
