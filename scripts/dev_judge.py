@@ -1,11 +1,13 @@
 """Dev-set harness for the CPU judge: 5-fold CV of the training bank (fine-tuning redone per fold) + v1.
 
-Also scores the negation probe (praise that names a flaw in the negative, and complaints
-with the same negations) with the whole-bank encoder and heads. Never reads held-out v2. Step 1 (``features``) fine-tunes MiniLM's top layers for every
-(fold, seed) on the fold's training part and stores the message views of every bank row and
-every v1 row under that encoder (``fold = full`` is the whole bank; v1 is scored with it).
-Step 2 (``eval``) fits the heads on the stored features and prints dev accuracy and polarity
-flips (CV, v1, and both together) for the vote rules compared; no encoder work.
+Also scores the negation probe (praise that names a flaw in the negative, and complaints with
+the same negations) with the whole-bank encoder and heads. Never reads held-out v2.
+
+Step 1 (``features``) fine-tunes MiniLM's top layers for every (fold, seed) on the fold's
+training part and stores the message views of every bank, v1 and probe row under that encoder
+(``fold = full`` is the whole bank; v1 and the probe are scored with it). Step 2 (``eval``)
+fits the heads on the stored features and prints accuracy and polarity flips (CV, v1, both
+together as "dev", and the probe) for the vote rules compared; no encoder work.
 
 ``--cv-rows N`` scores only the bank's first N rows in the CV (the rows after them are in
 every fold's training part): 751 compares banks that differ only by rows appended later on
@@ -90,8 +92,9 @@ def evaluate(args) -> None:
         P_cv[s] = np.zeros((n_cv, 3, 3))
         for k, te in enumerate(folds(y[:n_cv])):
             P_cv[s][te] = probs(np.load(out / f"{args.tag}-s{s}-f{k}.npy"), np.setdiff1d(np.arange(n), te), te)
-        X_full = np.load(out / f"{args.tag}-s{s}-ffull.npy")
-        P_v1[s], P_neg[s] = probs(X_full, np.arange(n), v1), probs(X_full, np.arange(n), neg)
+        # One fit of the whole-bank heads scores v1 and the probe (the rows after the bank).
+        P_rest = probs(np.load(out / f"{args.tag}-s{s}-ffull.npy"), np.arange(n), np.arange(n, len(y)))
+        P_v1[s], P_neg[s] = P_rest[:n_v1], P_rest[n_v1:]
 
     def votes(P, margin):             # the judge's own head rule, abstain off as in its default
         return head_votes(P, 0.0, margin)
@@ -110,14 +113,16 @@ def evaluate(args) -> None:
             recipes[f"seeds {ss}: 9 heads, margin {margin}"] = (
                 lambda P, ss=ss, m=margin: majority(np.concatenate([votes(P[s], m) for s in ss], 1)))
     ycv, yv1, yneg = y[:n_cv], y[v1], y[neg]
+
+    def cols(p, y_true):              # "accuracy flips" columns of one split
+        return f"{(p == y_true).mean():7.3f} {int((p * y_true == -1).sum()):5d}"
+
     print(f"{'recipe':55s} {'CV acc':>7s} {'flips':>5s} {'v1 acc':>7s} {'flips':>5s} {'dev acc':>7s} {'flips':>5s}"
           f" {'neg acc':>7s} {'flips':>5s}")
     for name, f in recipes.items():
         p1, p2, p3 = f(P_cv), f(P_v1), f(P_neg)
-        ok, fl = (p1 == ycv).sum() + (p2 == yv1).sum(), int((p1 * ycv == -1).sum() + (p2 * yv1 == -1).sum())
-        print(f"{name:55s} {(p1 == ycv).mean():7.3f} {int((p1 * ycv == -1).sum()):5d} {(p2 == yv1).mean():7.3f} "
-              f"{int((p2 * yv1 == -1).sum()):5d} {ok / (n_cv + len(v1)):7.3f} {fl:5d}"
-              f" {(p3 == yneg).mean():7.3f} {int((p3 * yneg == -1).sum()):5d}")
+        dev = cols(np.concatenate([p1, p2]), np.concatenate([ycv, yv1]))
+        print(f"{name:55s} {cols(p1, ycv)} {cols(p2, yv1)} {dev} {cols(p3, yneg)}")
 
 
 def main() -> int:
