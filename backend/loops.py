@@ -302,6 +302,8 @@ class Pipeline:
             delta.meta["base_fingerprint"] = self.stages.fingerprint
         summary = {"n_samples": len(turn_ids), "turn_ids": turn_ids[:64],
                    **{k: report[k] for k in ("loss", "n_tokens", "seconds", "train_serve_gap") if k in report}}
+        if report.get("n_replayed"):  # earlier praised replies trained on again (replay_praised)
+            summary["n_replayed"] = report["n_replayed"]
         delta.meta["learned_from"] = json.dumps(summary, default=float)
         delta.meta["user"] = user
         header, payload = pack(delta)

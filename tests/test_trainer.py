@@ -266,6 +266,36 @@ def test_base_teacher_replies_are_written_by_the_frozen_base(tiny_model_dir):
         assert (tr.seen[1] == pytest.approx(tr.seen[0], abs=1e-6)) == (who == "base")
 
 
+def test_praised_replies_are_replayed_in_later_updates(tiny_model_dir, tmp_path):
+    c = cfg(lr=3e-3, w_rl=0.0, w_opd=0.0, replay_praised=1, replay_buffer=2)  # only the replay can move the policy
+    tr = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+    praised, criticised = fixed_samples(tr.tokenizer)  # rewards +1 and -1
+    assert tr.replay_samples([praised]) == []  # nothing praised yet
+    rep = tr.update([praised])
+    assert rep.n_replayed == 0  # a batch never replays its own turn
+    assert [p["turn_id"] for p in tr._praised] == [praised.turn_id]
+    assert tr.replay_samples([praised]) == []  # ... even once it is in the buffer
+    before = mean_logp(tr, praised)
+    rep = tr.update([criticised])
+    assert rep.n_replayed == 1 and rep.n_samples == 1 and rep.n_teacher_replies == 0
+    assert rep.n_tokens == len(criticised.response_ids) + len(praised.response_ids)
+    assert mean_logp(tr, praised) > before + 0.05  # the praised reply was trained towards again
+    assert [p["turn_id"] for p in tr._praised] == [praised.turn_id]  # a -1 reply is never kept
+    assert tr.n_rewards == 2  # the replay did not move the reward baseline
+    # the buffer keeps the newest replay_buffer praised replies and survives a restart
+    more = [Sample(**{**praised.to_dict(), "turn_id": f"p{i}"}) for i in range(2)]
+    tr.update(more)
+    assert [p["turn_id"] for p in tr._praised] == ["p0", "p1"]
+    again = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+    assert [p["turn_id"] for p in again._praised] == ["p0", "p1"]
+    [r] = again.replay_samples([criticised])
+    assert r.turn_id in ("p0", "p1") and r.advantage == 0.5 and r.reward == 0 and r.teacher_prompt_ids is None
+    assert [x.turn_id for x in again.replay_samples([criticised])] == [r.turn_id]  # seeded: same pick on rerun
+    off = Trainer(cfg(lr=3e-3), model_path=tiny_model_dir)  # replay_praised defaults to 0
+    off.update([praised])
+    assert off._praised == [] and off.update([criticised]).n_replayed == 0
+
+
 class _LoopingProbe(Trainer):
     """A trainer whose greedy probe reports a loop after any update (drives the guard's refusal path)."""
 
@@ -322,7 +352,7 @@ def test_greedy_probe_and_repetition_metric(tiny_model_dir):
 
 
 def test_config_and_export_errors(tiny_model_dir):
-    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(w_teacher_reply=-1), dict(teacher_replies="yes")):
+    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(w_teacher_reply=-1), dict(teacher_replies="yes"), dict(replay_praised=-1), dict(replay_buffer=0), dict(w_replay=-0.5)):
         with pytest.raises(UserError):
             TrainerConfig(**bad)
     assert TrainerConfig().learning_rate == 3e-4 and TrainerConfig(mode="full").learning_rate == 1e-5

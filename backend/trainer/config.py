@@ -56,6 +56,16 @@ class TrainerConfig:
     w_teacher_reply: float = _help("Advantage of every token of a teacher-written reply (teacher_replies).", default=0.5)
     teacher_reply_tokens: int = _help("Longest teacher-written reply (tokens); one that does not end sooner is dropped.",
                                       default=160)
+    replay_praised: int = _help(
+        "Self-imitation: how many earlier replies the judge rewarded +1 are replayed in each update (0 = off). "
+        "Each replayed reply is trained on its own prompt with the fixed advantage 'w_replay' on every token, "
+        "under the same PPO clip; it never enters the reward baseline. Corrections only say what to move away "
+        "from; replaying what the person liked keeps the policy near it while they push. Picked at random "
+        "(seeded by 'seed' and the version) from the newest 'replay_buffer' praised replies, never one of the "
+        "batch's own turns.", default=0)
+    replay_buffer: int = _help("How many of the newest praised replies are kept for 'replay_praised' (checkpointed).",
+                               default=16)
+    w_replay: float = _help("Advantage of every token of a replayed praised reply ('replay_praised').", default=0.5)
     loss_agg: str = _help(
         "How token losses are averaged: 'token' (every reply token of a minibatch weighs the same, so long "
         "replies dominate) or 'sample' (each reply's tokens are averaged first, then the replies: a short "
@@ -101,6 +111,8 @@ class TrainerConfig:
             (self.teacher_replies in ("off", "self", "base"), "teacher_replies must be 'off', 'self' or 'base'."),
             (self.w_teacher_reply >= 0 and self.teacher_reply_tokens >= 1,
              "w_teacher_reply must be >= 0 and teacher_reply_tokens at least 1."),
+            (self.replay_praised >= 0 and self.replay_buffer >= 1 and self.w_replay >= 0,
+             "replay_praised must be >= 0, replay_buffer at least 1 and w_replay >= 0."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
             (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),
             (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),

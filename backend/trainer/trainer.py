@@ -24,12 +24,16 @@ the default) or over all reply tokens of the minibatch (``"token"``); the entrop
 token mean. Top-k OPD (``opd_topk > 0``) replaces the token-level OPD term. Update v uses
 lr / (1 + lr_decay * v). With ``teacher_replies`` ('self' | 'base') the batch also holds, for every hinted
 sample, that model's own greedy reply to the hinted prompt, trained on the *unhinted* prompt with
-A_t = w_teacher_reply (a :class:`TeacherReply`); it never enters the reward baseline.
+A_t = w_teacher_reply (a :class:`TeacherReply`); it never enters the reward baseline. With
+``replay_praised`` = k the batch also holds up to k earlier replies the judge rewarded +1 (newest
+``replay_buffer`` kept, checkpointed; never one of the batch's own turns), each on its own prompt
+with A_t = w_replay (a :class:`ReplayedReply`: self-imitation); nor do they enter the baseline.
 """
 
 from __future__ import annotations
 
 import copy
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -71,6 +75,12 @@ class TeacherReply(Sample):
     and every token gets the fixed ``advantage``."""
 
     advantage: float = 0.0
+
+
+@dataclass
+class ReplayedReply(TeacherReply):
+    """An earlier reply the judge rewarded +1, replayed in a later update (``replay_praised``): the
+    served prompt and reply ids as they were, every token with the fixed ``advantage`` (``w_replay``)."""
 
 
 class Trainer:
@@ -121,6 +131,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self._probe_prompts: list[list[int]] = []
         self._probe_rep: tuple[float, float] | None = None  # (repeat share, length) of the serving version
+        self._praised: list[dict] = []  # newest replay_buffer praised replies: turn_id, user, prompt_ids, response_ids
         if self.checkpoint_dir is not None:
             self._resume()
 
@@ -433,6 +444,31 @@ class Trainer:
                 policy_version=s.policy_version, advantage=cfg.w_teacher_reply))
         return out
 
+    def replay_samples(self, samples: list[Sample]) -> list[ReplayedReply]:
+        """Up to ``replay_praised`` earlier praised replies for this update, none of them a turn of
+        ``samples``; the pick is seeded by ``cfg.seed`` and the version, so a rerun replays the same."""
+        cfg = self.cfg
+        own = {s.turn_id for s in samples}
+        pool = [p for p in self._praised if p["turn_id"] not in own]
+        if not pool or cfg.replay_praised < 1 or cfg.w_replay <= 0:
+            return []
+        picked = random.Random(cfg.seed * 1_000_003 + self.version).sample(pool, min(cfg.replay_praised, len(pool)))
+        return [ReplayedReply(turn_id=p["turn_id"], user=p["user"], prompt_ids=list(p["prompt_ids"]),
+                              response_ids=list(p["response_ids"]), rollout_logprobs=None, reward=0, hint=None,
+                              teacher_prompt_ids=None, policy_version=p["policy_version"], advantage=cfg.w_replay)
+                for p in picked]
+
+    def _remember_praised(self, samples: list[Sample]) -> None:
+        """Keep the batch's replies the judge rewarded +1 for later replay (newest ``replay_buffer``)."""
+        if not self.cfg.replay_praised:
+            return
+        seen = {p["turn_id"] for p in self._praised}
+        for s in samples:
+            if s.reward == 1 and not isinstance(s, TeacherReply) and s.turn_id not in seen:
+                self._praised.append({"turn_id": s.turn_id, "user": s.user, "prompt_ids": list(s.prompt_ids),
+                                      "response_ids": list(s.response_ids), "policy_version": s.policy_version})
+        del self._praised[: max(0, len(self._praised) - self.cfg.replay_buffer)]
+
     def update(self, samples: list[Sample]) -> UpdateReport:
         """One policy update over ``samples``; checkpoints the new version before returning."""
         cfg = self.cfg
@@ -446,6 +482,9 @@ class Trainer:
         if cfg.teacher_replies != "off" and cfg.w_teacher_reply > 0:
             samples = samples + self.teacher_reply_samples(samples)
         teacher_reply_s = time.perf_counter() - t_teach
+        judged = samples[:n_judged]
+        replayed = self.replay_samples(judged)
+        samples = samples + replayed
         pairs = [(s.prompt_ids, s.response_ids) for s in samples]
         hinted = [i for i, s in enumerate(samples) if s.teacher_prompt_ids is not None]
         use_opd = bool(hinted) and cfg.w_opd > 0
@@ -563,7 +602,8 @@ class Trainer:
         report = UpdateReport(
             version=self.version, base_version=self.version, accepted=True, reason="",
             loss=sum(losses) / len(losses), loss_first=losses[0], loss_last=losses[-1],
-            n_samples=n_judged, n_tokens=n_tok, n_hinted=len(hinted), n_teacher_replies=len(samples) - n_judged,
+            n_samples=n_judged, n_tokens=n_tok, n_hinted=len(hinted), n_teacher_replies=len(samples) - n_judged - len(replayed),
+            n_replayed=len(replayed),
             teacher_reply_s=teacher_reply_s,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
@@ -593,6 +633,7 @@ class Trainer:
                 self._probe_rep = (rep_after, len_after)
         if report["accepted"]:
             self._update_baseline(samples)
+        self._remember_praised(judged)  # the person's praise stands even when the guard refused the update
         self.version += 1
         report["version"] = self.version
         self._save()
@@ -624,7 +665,7 @@ class Trainer:
             "trainable": {n: p.detach().clone() for n, p in self.trainable.items()},
             "optimizer": self.optimizer.state_dict(),
             "version": self.version, "step": self.step, "baseline": self.baseline, "n_rewards": self.n_rewards,
-            "probe_prompts": self._probe_prompts, "probe_rep": self._probe_rep,
+            "probe_prompts": self._probe_prompts, "probe_rep": self._probe_rep, "praised": self._praised,
         }
 
     def _save(self) -> None:
@@ -659,4 +700,5 @@ class Trainer:
         self.baseline, self.n_rewards = state["baseline"], state["n_rewards"]
         self._probe_prompts = state.get("probe_prompts") or []
         self._probe_rep = tuple(state["probe_rep"]) if state.get("probe_rep") else None
+        self._praised = list(state.get("praised") or [])
         self.resumed_from = self.version
