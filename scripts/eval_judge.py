@@ -8,7 +8,7 @@ Baselines measured in the same run: the majority class, and one word-TF-IDF
 logistic regression (no embeddings) fitted on the same training bank.
 Last line: one JSON object (accuracy, flips, n, latency_ms = batch 16, ...).
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/eval_judge.py [--heldout v2|v1|PATH] [--judge embedding|llm] [--m 3] [--endpoint URL]
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/eval_judge.py [--heldout v2|v3|v1|PATH] [--judge embedding|llm] [--m 3] [--endpoint URL]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from backend.judge import load_judge
-from backend.judge.data import HELDOUT2_PATH, HELDOUT_PATH, TRAIN_PATH, load_bank
+from backend.judge.data import HELDOUT2_PATH, HELDOUT3_PATH, HELDOUT_PATH, TRAIN_PATH, load_bank
 
 CLASSES = (-1, 0, 1)
 
@@ -66,17 +66,18 @@ def main() -> int:
     ap.add_argument("--endpoint", help="OpenAI-compatible endpoint for --judge llm (…/v1)")
     ap.add_argument("--model-name", default="default", help="model name sent to the endpoint")
     ap.add_argument("--heldout", default="v2",
-                    help="held-out JSONL file, or v2 (followups_heldout2.jsonl, never tuned on; default) "
+                    help="held-out JSONL file, or v2 (followups_heldout2.jsonl, never tuned on; default), "
+                         "v3 (followups_heldout3.jsonl, written blind in session 7, never tuned on) "
                          "or v1 (followups_heldout.jsonl, used as a dev set)")
     ap.add_argument("--show-misses", action=argparse.BooleanOptionalAction, default=None,
-                    help="print every misjudged message (default: yes, except on held-out v2, whose errors "
-                         "are not read while tuning)")
+                    help="print every misjudged message (default: yes, except on held-out v2 and v3, whose "
+                         "errors are not read while tuning)")
     ap.add_argument("--cache-dir", help="where fitted heads are cached (default: companion's cache dir)")
     args = ap.parse_args()
 
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    args.heldout = str({"v1": HELDOUT_PATH, "v2": HELDOUT2_PATH}.get(args.heldout, args.heldout))
+    args.heldout = str({"v1": HELDOUT_PATH, "v2": HELDOUT2_PATH, "v3": HELDOUT3_PATH}.get(args.heldout, args.heldout))
     test = load_bank(args.heldout)
     train = load_bank(TRAIN_PATH)
     y = np.array([r["label"] for r in test])
@@ -119,7 +120,8 @@ def main() -> int:
     print(f"hints: {len(hinted)}/{len(directive)} directive -1 messages yield a hint; "
           f"{len(kept)}/{max(1, len(hinted))} hints keep all key words; "
           f"{len(spurious)}/{len(no_directive)} messages without a directive got a hint")
-    show = args.show_misses if args.show_misses is not None else Path(args.heldout).resolve() != HELDOUT2_PATH.resolve()
+    show = args.show_misses if args.show_misses is not None else Path(args.heldout).resolve() not in (
+        HELDOUT2_PATH.resolve(), HELDOUT3_PATH.resolve())
     for i in (np.where(p != y)[0] if show else []):
         print(f"  miss: true {y[i]:+d} judged {p[i]:+d}  {test[i]['next']}")
     print(json.dumps({

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from backend.judge import Judgment, majority_vote
-from backend.judge.data import HELDOUT2_PATH, HELDOUT_PATH, NEGATION_PROBE_PATH, load_bank
+from backend.judge.data import HELDOUT2_PATH, HELDOUT3_PATH, HELDOUT_PATH, NEGATION_PROBE_PATH, load_bank
 from companion.errors import UserError
 import judge_support as js
 
@@ -65,7 +65,10 @@ def test_embedding_judge_on_unseen_phrasings():
     # negated praise / complaints, a dev set: measured 0.525 and 10 of 40, a known weakness
     # (docs/judge.md, Session 6: the bank rows that fix it were measured and not kept)
     (NEGATION_PROBE_PATH, 0.50, 10),
-], ids=["v1", "v2", "negation"])
+    # v3, written blind in session 7, never tuned on: measured 0.753 and 11 of 166 at its first look,
+    # far below v2's figures (docs/judge.md, Session 7): a guard at the measured level, not a target met
+    (HELDOUT3_PATH, 0.75, 11),
+], ids=["v1", "v2", "negation", "v3"])
 def test_heldout_accuracy_and_flips(path, min_acc, max_flips):
     """Regression guard at the measured level (docs/judge.md)."""
     rows = load_bank(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.judge.data import HELDOUT2_PATH, HELDOUT_PATH, NEGATION_PROBE_PATH, TRAIN_PATH, load_bank
+from backend.judge.data import HELDOUT2_PATH, HELDOUT3_PATH, HELDOUT_PATH, NEGATION_PROBE_PATH, TRAIN_PATH, load_bank
 
 PERSONAS = Path(__file__).resolve().parent.parent / "personas"
 SKIP_KEYS = {"keywords", "tasks", "eval_tasks"}
@@ -75,13 +75,14 @@ def test_overlap_checker_catches_exact_and_near_copies():
 @pytest.mark.parametrize("persona", sorted(PERSONAS.glob("*.toml")), ids=lambda p: p.name)
 def test_no_persona_phrasing_in_judge_data(persona):
     lines = phrasings(tomllib.loads(persona.read_text(encoding="utf-8")))
-    bank = [r["next"] for path in (TRAIN_PATH, HELDOUT_PATH, HELDOUT2_PATH, NEGATION_PROBE_PATH) for r in load_bank(path)]
+    paths = (TRAIN_PATH, HELDOUT_PATH, HELDOUT2_PATH, HELDOUT3_PATH, NEGATION_PROBE_PATH)
+    bank = [r["next"] for path in paths for r in load_bank(path)]
     found = overlaps(lines, bank)
     assert not found, f"{persona.name} phrasings found in the judge's bank: {found}"
 
 
-def test_negation_probe_is_not_in_the_training_bank():
-    """The probe measures generalisation to unseen negated praise; a copy in the bank would void it."""
-    probe = [r["next"] for r in load_bank(NEGATION_PROBE_PATH)]
-    found = overlaps(probe, [r["next"] for r in load_bank(TRAIN_PATH)])
-    assert not found, f"negation-probe rows found in the training bank: {found}"
+@pytest.mark.parametrize("path", [NEGATION_PROBE_PATH, HELDOUT3_PATH], ids=["negation", "v3"])
+def test_probe_and_v3_are_not_in_the_training_bank(path):
+    """They measure generalisation to unseen phrasings; a copy in the bank would void that."""
+    found = overlaps([r["next"] for r in load_bank(path)], [r["next"] for r in load_bank(TRAIN_PATH)])
+    assert not found, f"rows of {path.name} found in the training bank: {found}"

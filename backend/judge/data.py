@@ -5,7 +5,8 @@ set), ``followups_heldout.jsonl`` (evaluation, written in other voices: terse
 lowercase texting, formal and elderly, non-native English; it was looked at
 while tuning, so it is a dev set now) and ``followups_heldout2.jsonl`` (153
 rows written and committed before the second round of tuning, never tuned on:
-the honest figures). Never train on a held-out file. Rows: ``{"label": -1|0|1, "kind", "domain", "next",
+the honest figures until v2 had been looked at a dozen times; ``followups_heldout3.jsonl`` is
+its blind successor). Never train on a held-out file. Rows: ``{"label": -1|0|1, "kind", "domain", "next",
 "keys"?}``; ``keys`` lists the words a hint must keep when the follow-up
 carries a directive (corrections, redo requests, style complaints, errors).
 
@@ -32,6 +33,10 @@ HELDOUT2_PATH = DATA_DIR / "followups_heldout2.jsonl"
 # negations, written by a separate author without seeing the bank (docs/judge.md, Session 6).
 # A dev set for that failure class: scripts/dev_judge.py reports it; never trained on.
 NEGATION_PROBE_PATH = DATA_DIR / "followups_negation_probe.jsonl"
+# v3 (session 7): written by a separate author who saw neither the bank, v1, v2 nor the personas,
+# after v2 had been looked at too often to stay blind (docs/judge.md); rows close to the bank or v1
+# were removed before the first look. Never tuned on; its misses are not printed by default.
+HELDOUT3_PATH = DATA_DIR / "followups_heldout3.jsonl"
 
 
 def load_bank(path: Path | str) -> list[dict]:
