@@ -602,8 +602,8 @@ class Trainer:
         report = UpdateReport(
             version=self.version, base_version=self.version, accepted=True, reason="",
             loss=sum(losses) / len(losses), loss_first=losses[0], loss_last=losses[-1],
-            n_samples=n_judged, n_tokens=n_tok, n_hinted=len(hinted), n_teacher_replies=len(samples) - n_judged - len(replayed),
-            n_replayed=len(replayed),
+            n_samples=n_judged, n_tokens=n_tok, n_hinted=len(hinted),
+            n_teacher_replies=len(samples) - n_judged - len(replayed), n_replayed=len(replayed),
             teacher_reply_s=teacher_reply_s,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
