@@ -459,12 +459,13 @@ class Trainer:
                 for p in picked]
 
     def _remember_praised(self, samples: list[Sample]) -> None:
-        """Keep the batch's replies the judge rewarded +1 for later replay (newest ``replay_buffer``)."""
+        """Keep the judged replies the judge rewarded +1 for later replay (newest ``replay_buffer``).
+        ``samples`` are the batch's judged samples only: teacher-written and replayed ones come after them."""
         if not self.cfg.replay_praised:
             return
         seen = {p["turn_id"] for p in self._praised}
         for s in samples:
-            if s.reward == 1 and not isinstance(s, TeacherReply) and s.turn_id not in seen:
+            if s.reward == 1 and s.turn_id not in seen:
                 self._praised.append({"turn_id": s.turn_id, "user": s.user, "prompt_ids": list(s.prompt_ids),
                                       "response_ids": list(s.response_ids), "policy_version": s.policy_version})
         del self._praised[: max(0, len(self._praised) - self.cfg.replay_buffer)]

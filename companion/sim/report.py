@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,13 +38,8 @@ def build_report(persona, cfg, turns: list, curve: list, wall_s: float, final_ve
         row = confusion.setdefault(str(t.intended), {})
         row[str(t.judge_reward)] = row.get(str(t.judge_reward), 0) + 1
     agreement = sum(t.judge_reward == t.intended for t in judged) / len(judged) if judged else None
-    flips: dict[tuple[str, int, int], int] = {}
-    for t in judged:
-        if t.judge_reward * t.intended == -1:
-            key = (t.next_message, t.intended, t.judge_reward)
-            flips[key] = flips.get(key, 0) + 1
-    judge_flips = [{"message": m, "intended": i, "reward": r, "turns": c}
-                   for (m, i, r), c in sorted(flips.items(), key=lambda kv: -kv[1])]
+    flips = Counter((t.next_message, t.intended, t.judge_reward) for t in judged if t.judge_reward * t.intended == -1)
+    judge_flips = [{"message": m, "intended": i, "reward": r, "turns": c} for (m, i, r), c in flips.most_common()]
     n = len(turns) or 1
     serve = sum(t.serve_s for t in turns) / n
     judge = _mean([t.judge_s for t in turns])
