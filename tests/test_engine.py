@@ -88,6 +88,51 @@ def test_batched_greedy_equals_one_by_one(engine):
         assert b.prompt_ids == single.prompt_ids
 
 
+def test_batched_greedy_drops_finished_rows_without_changing_a_reply(tiny_model_dir, monkeypatch):
+    # The random tiny model writes one token everywhere; scaled-up weights make its rows differ.
+    # Then one row is made to end early: the token it writes third becomes an end token. The
+    # other rows go on in a smaller batch and must still give what they give on their own.
+    eng = LocalEngine(tiny_model_dir, dtype="fp32")
+    with torch.no_grad():
+        for p in eng.model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)  # in place: the fast path's fused weights are the same storage
+    prompts = [[{"role": "user", "content": "Hi"}], MSGS,
+               [{"role": "user", "content": "Explain photosynthesis in detail please, for a school report."}]]
+    first = eng.generate_greedy_batch(prompts, max_new_tokens=12)
+    stop = first[0].token_ids[2]
+    eng.eos_ids = sorted(set(eng.eos_ids) | {stop})
+    kept: list[list[int]] = []
+    real = eng._keep_rows
+    monkeypatch.setattr(eng, "_keep_rows", lambda state, keep: kept.append(keep) or real(state, keep))
+    batch = eng.generate_greedy_batch(prompts, max_new_tokens=12)
+    assert batch[0].finish_reason == "eos" and batch[0].token_ids[-1] == stop and len(batch[0].token_ids) <= 3
+    assert kept and all(len(k) < 3 for k in kept)  # the finished row really left the batch
+    assert any(b.finish_reason == "length" for b in batch[1:])  # and others ran on after it
+    for msgs, b in zip(prompts, batch):
+        [alone] = eng.generate_greedy_batch([msgs], max_new_tokens=12)
+        assert alone.token_ids == b.token_ids and alone.finish_reason == b.finish_reason
+
+
+def test_a_weight_copy_serves_what_the_source_serves_and_keeps_its_version(tiny_model_dir):
+    # bf16: the copy must also take the fast path's fp32 copies, which hold the LoRA fold unrounded
+    src, copy = LocalEngine(tiny_model_dir, dtype="bf16"), LocalEngine(tiny_model_dir, dtype="bf16")
+    prompts = [[{"role": "user", "content": "Hi"}], MSGS]
+    src.apply_delta(random_lora(src, version=1, scale=0.5))  # left unfolded: the copy folds it first
+    assert copy.copy_weights_from(src) == 1 and copy.version == 1
+    want = [b.token_ids for b in src.generate_greedy_batch(prompts, max_new_tokens=8)]
+    assert [b.token_ids for b in copy.generate_greedy_batch(prompts, max_new_tokens=8)] == want
+    assert copy.generate(MSGS, GenParams(8, 0)).token_ids == src.generate(MSGS, GenParams(8, 0)).token_ids
+    src.apply_delta(random_lora(src, version=2, seed=3, scale=0.5))  # a later version stays with the source
+    assert [b.token_ids for b in copy.generate_greedy_batch(prompts, max_new_tokens=8)] == want
+    assert src.generate_greedy_batch(prompts, max_new_tokens=8)[0].version == 2
+    copy.apply_delta(random_lora(src, version=2, seed=3, scale=0.5))  # and the copy can take it next
+    assert [b.token_ids for b in copy.generate_greedy_batch(prompts, max_new_tokens=8)] == \
+        [b.token_ids for b in src.generate_greedy_batch(prompts, max_new_tokens=8)]
+    with pytest.raises(ValueError):
+        LocalEngine(tiny_model_dir, dtype="fp32").copy_weights_from(src)
+
+
 def test_lora_delta_matches_peft_and_bumps_version(engine, tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -89,7 +89,7 @@ def _run(tmp_path, tiny_model_dir, method, name, **kw):
 
 def test_replay_none_is_reproducible_and_writes_every_output(tmp_path, tiny_model_dir):
     persona, rep, d = _run(tmp_path, tiny_model_dir, "none", "a")
-    _, rep2, d2 = _run(tmp_path, tiny_model_dir, "none", "b")
+    _, rep2, d2 = _run(tmp_path, tiny_model_dir, "none", "b", background_eval=False)  # same curve evaluated inline
     for f in ("report.json", "turns.csv", "plot.png", "summary.md"):
         assert (d / f).stat().st_size > 0
     saved = json.loads((d / "report.json").read_text())
@@ -143,6 +143,17 @@ def test_combined_replay_trains_through_journal_link_backend(tmp_path, tiny_mode
     assert n_turns == 6 and delivered == 6 and versions and versions[-1] == rep["final_version"]
     # later turns were served by newer policy versions
     assert int(rows[-1]["policy_version"]) >= 1
+    # the last evaluation, made beside the replay on a copy of the weights, equals an inline
+    # evaluation of the backend's last version on a fresh engine
+    from companion.engine.local import LocalEngine
+    from companion.sim.evaluation import run_eval
+
+    [latest] = (d / "backend" / "users").glob("*/latest.json")
+    fresh = LocalEngine(tiny_model_dir, dtype="fp32")
+    fresh.apply_delta((json.loads(latest.read_text()), latest.with_suffix(".safetensors").read_bytes()))
+    last = json.loads((d / "eval_replies" / "turn006.json").read_text())
+    assert last["version"] == fresh.version == rep["final_version"]
+    assert run_eval(fresh, persona, "You are a helpful assistant.", 12).replies == last["replies"]
     assert (d / "backend" / "backend.db").exists() or any((d / "backend").iterdir())
 
 

@@ -50,6 +50,9 @@ def register(sub, common) -> None:
                    "serving and training then take turns, 1 with --no-sync)")
     p.add_argument("--backend-threads", type=int, default=1,
                    help="torch threads of the backend child, judge + trainer (default 1; 0 = as for --threads)")
+    p.add_argument("--inline-eval", action="store_true",
+                   help="evaluate on the serving engine, pausing the replay (default: on a second engine beside it, "
+                   "same replies, using the core that serving and training leave idle)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
@@ -89,7 +92,8 @@ def _run(args) -> int:
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            batch_size=args.batch_size, sync=not args.no_sync,
                            judge=args.judge, judge_m=args.judge_m, threads=args.threads,
-                           backend_threads=args.backend_threads, trainer_overrides=overrides)
+                           backend_threads=args.backend_threads, background_eval=not args.inline_eval,
+                           trainer_overrides=overrides)
         run_dir = make_run_dir(Path(args.out), persona.name, method)
         from companion.sim.llm import LLMPersonaUser, LLMRater
 

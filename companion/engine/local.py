@@ -243,6 +243,22 @@ class LocalEngine:
                          past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :].float()
 
+    def _keep_rows(self, state: dict, keep: list[int]) -> bool:
+        """Drop finished rows from a batched decode state (fast path only; False = not done).
+
+        Why: a batch decodes until its longest reply ends, so without this every finished row
+        is still computed at every step. Rows are independent (own positions, own mask row,
+        and the wide fp32 path gives a row the same result whatever the batch size, tested),
+        so dropping them changes no reply."""
+        if self.fast is None:
+            return False
+        idx = torch.tensor(keep)
+        cache = state["cache"]
+        cache.k, cache.v = cache.k.index_select(1, idx), cache.v.index_select(1, idx)  # [L, b, Hkv, T, D]
+        if state["valid"] is not None:
+            state["valid"] = state["valid"].index_select(0, idx)  # [b, T]
+        return True
+
     @torch.inference_mode()
     def generate(
         self,
@@ -343,20 +359,24 @@ class LocalEngine:
             finish = ["length"] * n
             logits, state = self._start(ids, valid, positions, width + max_new_tokens, wide=True)
             positions = positions[:, -1:]  # [B, 1]
+            rows = list(range(n))  # the prompt index of each row still in the batch
             for step in range(max_new_tokens):
-                toks = logits.argmax(-1)  # [B]
+                toks = logits.argmax(-1)  # [b]
                 lp = torch.log_softmax(logits, -1).gather(-1, toks[:, None])[:, 0]
-                for i in range(n):
+                for r, i in enumerate(rows):
                     if done[i]:
                         continue
-                    t = int(toks[i])
+                    t = int(toks[r])
                     outs[i].append(t)  # eos included, as in generate()
-                    logps[i].append(float(lp[i]))
+                    logps[i].append(float(lp[r]))
                     if t in self.eos_ids:
                         done[i], finish[i] = True, "eos"
                 if all(done) or step == max_new_tokens - 1:
                     break
-                toks = torch.where(torch.tensor(done), torch.full_like(toks, self.pad_id), toks)
+                keep = [r for r, i in enumerate(rows) if not done[i]]
+                if len(keep) < len(rows) and self._keep_rows(state, keep):
+                    rows, toks, positions = [rows[r] for r in keep], toks[keep], positions[keep]
+                toks = torch.where(torch.tensor([done[i] for i in rows]), torch.full_like(toks, self.pad_id), toks)
                 positions = positions + 1
                 logits = self._step(state, toks[:, None], positions)
             elapsed = time.perf_counter() - t0
@@ -405,6 +425,28 @@ class LocalEngine:
                 self._start_folder()
                 self._fold_wanted.set()
         return delta.version
+
+    @torch.no_grad()
+    def copy_weights_from(self, other: "LocalEngine") -> int:
+        """Serve exactly what ``other`` serves now: its weights (LoRA folded), the fast path's
+        fp32 copies and its version; returns that version. Both engines must hold the same
+        base model in the same dtype. Used for evaluations beside serving (a snapshot that the
+        serving engine's later deltas do not reach). The LoRA bookkeeping is shared by
+        reference: its tensors are replaced, never written in place, so this engine can take
+        the next delta as ``other`` would."""
+        if other.fingerprint != self.fingerprint or other.dtype != self.dtype or set(other._wide) != set(self._wide):
+            raise ValueError("copy_weights_from needs the same base model, dtype and serving path")
+        with other._lock, self._lock:
+            other._fold_pending()
+            for name, p in self._params.items():  # fused fast-path tensors are views of these
+                p.copy_(other._params[name])
+            for name, w in self._wide.items():
+                w.copy_(other._wide[name])
+            self._lora_base = dict(other._lora_base)
+            self._lora_target, self._lora_merged = dict(other._lora_target), dict(other._lora_merged)
+            self._unfolded.clear()
+            self.version = other.version
+            return self.version
 
     def settle(self) -> float:
         """Fold any LoRA factors still pending into the weights now; returns the ms it took.

@@ -13,7 +13,8 @@ One run (:func:`run_replay`):
   each hint it extracts is appended to the system prompt instead of training;
 - ``none``: never learns (the real judge still runs in-process so agreement is reported).
 - at turn 0 and every ``eval_every`` turns, greedy replies to the held-out eval tasks are
-  scored (:mod:`companion.sim.evaluation`). Eval prompts are never training turns.
+  scored (:mod:`companion.sim.evaluation`), by default beside the replay on a copy of the
+  weights served at that turn. Eval prompts are never training turns.
 
 Reproducibility: with ``sync`` (the default for experiments) the driver waits for each
 turn's judgment and, when a full training batch is waiting, for the new policy version
@@ -27,7 +28,11 @@ give each every core (at most 4); measured on this 2-core machine shared with ot
 threads were 10-40% slower than 1 (batch-1 decoding is too small to split, and a thread the
 scheduler preempts stalls its partner at every barrier), so 1 stays the default. Both
 processes run with OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning
-(spinning made 2-thread decoding 4x slower beside other jobs).
+(spinning made 2-thread decoding 4x slower beside other jobs). Evaluations run by default
+on a second engine in a thread (:mod:`companion.sim.background_eval`), on the core the
+alternation of serving and training leaves idle; they give the replies an inline evaluation
+gives. A backend on 2 threads changes the trained weights (reduction order), so it changes
+the run, not just its speed (docs/replay.md, Session 8).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from companion.errors import UserError
+from companion.sim.background_eval import BackgroundEvaluator
 from companion.sim.evaluation import run_eval
 from companion.sim.persona import Persona
 from companion.sim.user import SimulatedUser
@@ -76,6 +82,10 @@ class ReplayConfig:
                          "slower (docs/replay.md, Session 3).", default=1)
     backend_threads: int = _help("Torch threads of the backend child (judge + trainer); 0 = as for threads.",
                                  default=1)
+    background_eval: bool = _help(
+        "Evaluate on a second engine in a thread beside the replay (companion.sim.background_eval): the same "
+        "replies, on the core that serving and training leave idle. False = inline on the serving engine.",
+        default=True)
     wait_timeout_s: float = _help("Longest wait for one judgment or one policy update.", default=600.0)
     trainer_overrides: dict = _help("Extra TrainerConfig fields for the backend (JSON-able); merged over "
                                     "REPLAY_TRAINER_DEFAULTS (combined: w_opd 0.5).", default_factory=dict)
@@ -350,22 +360,35 @@ def run_replay(persona: Persona, cfg: ReplayConfig, run_dir: Path, *, model_path
     turns: list[TurnRecord] = []
     curve: list[EvalPoint] = []
 
-    def evaluate(turn: int) -> None:
+    def evaluate_on(eng, turn: int, system_prompt: str) -> EvalPoint:
         t0 = time.perf_counter()
-        res = run_eval(engine, persona, learner.system_prompt(), cfg.max_new_tokens)
+        res = run_eval(eng, persona, system_prompt, cfg.max_new_tokens)
         rating = rater.rate_all(persona, res.replies) if rater is not None else None
-        curve.append(EvalPoint(turn, engine.version, res.score, res.all_pass, res.distinct4, res.per_pref,
-                               time.perf_counter() - t0, rating))
         (run_dir / "eval_replies").mkdir(exist_ok=True)
         (run_dir / "eval_replies" / f"turn{turn:03d}.json").write_text(json.dumps(
-            {"turn": turn, "version": engine.version, "replies": res.replies,
+            {"turn": turn, "version": eng.version, "replies": res.replies,
              "failed": [s.failed for s in res.scores]}, indent=1))
+        return EvalPoint(turn, eng.version, res.score, res.all_pass, res.distinct4, res.per_pref,
+                         time.perf_counter() - t0, rating)
+
+    background = None
+    if cfg.background_eval and hasattr(engine, "copy_weights_from"):
+        background = BackgroundEvaluator(
+            engine, lambda: LocalEngine(engine.model_path, dtype=dtype, threads=cfg.threads), evaluate_on)
+
+    def evaluate(turn: int) -> None:
+        if background is not None:
+            background.submit(turn, learner.system_prompt())
+            curve[:] = background.finished
+        else:
+            curve.append(evaluate_on(engine, turn, learner.system_prompt()))
+        if curve:
+            bar.set_postfix(all_pass=f"{curve[-1].all_pass:.2f}", v=engine.version)
 
     interrupted = False
     bar = tqdm(total=cfg.turns, desc=f"{persona.name}/{cfg.method}", unit="turn", disable=not progress)
     try:
         evaluate(0)
-        bar.set_postfix(all_pass=f"{curve[-1].all_pass:.2f}", v=engine.version)
         session, turn = 0, 0
         while turn < cfg.turns:
             session += 1
@@ -391,14 +414,18 @@ def run_replay(persona: Persona, cfg: ReplayConfig, run_dir: Path, *, model_path
                 bar.update(1)
                 if turn % cfg.eval_every == 0 or turn == cfg.turns:
                     evaluate(turn)
-                    bar.set_postfix(all_pass=f"{curve[-1].all_pass:.2f}", v=engine.version)
                 if not reaction.rewrite:
                     break
                 rewrites += 1
                 messages = messages + [{"role": "assistant", "content": reply.text},
                                        {"role": "user", "content": reaction.text}]
+        if background is not None:
+            curve[:] = background.results()
     except KeyboardInterrupt:
         interrupted = True  # Ctrl-C: keep what was measured, then stop
+        if background is not None:
+            background.close()
+            curve[:] = background.finished
     else:
         interrupted = False
     finally:
