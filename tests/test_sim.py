@@ -277,3 +277,25 @@ def test_report_names_each_polarity_flip_with_its_count():
     assert "'nice, not too long' meant +1, judged -1 (2x)" in md and "'meh' meant -1, judged +1 (1x)" in md
     r_clean = build_report(load_persona("student"), ReplayConfig(), turns[2:4], curve, wall_s=1.0, final_version=1)
     assert r_clean["judge_flips"] == [] and "polarity flips" not in summary_md(r_clean)
+
+
+def test_sync_waits_for_a_trained_version_still_on_its_way(monkeypatch):
+    # The backend's trainer is idle and has trained version 1, but the delta reaches the engine
+    # only 6.5 s later. A synchronous replay must not serve its next turn with version 0
+    # (it used to give up after 5 s of an idle, empty backend).
+    import threading
+    import types
+
+    from companion.sim.replay import SystemLearner
+
+    engine = types.SimpleNamespace(version=0)
+    learner = SystemLearner.__new__(SystemLearner)
+    learner.cfg, learner.engine = ReplayConfig(wait_timeout_s=30), engine
+    learner._cv, learner.pending_samples, learner.train_seconds = threading.Condition(), 4, []
+    learner.backend = types.SimpleNamespace(proc=types.SimpleNamespace(poll=lambda: None))
+    status = {"busy": {"train": False}, "train_buffers": {}, "queues": {"judge": 0, "sample": 0, "train": 0},
+              "policy_versions": {"replay-user": 1}}
+    learner.link = types.SimpleNamespace(request_status=lambda timeout: status)
+    threading.Timer(6.5, lambda: setattr(engine, "version", 1)).start()
+    waited = learner._wait_for_update()
+    assert engine.version == 1 and waited >= 6.0 and learner.pending_samples == 0

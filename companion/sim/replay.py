@@ -26,13 +26,14 @@ Threads: serving and the backend child (judge, trainer) use 1 torch thread each 
 With ``sync`` they never compute at the same time, so ``threads=0`` / ``backend_threads=0``
 give each every core (at most 4); measured on this 2-core machine shared with other jobs, 2
 threads were 10-40% slower than 1 (batch-1 decoding is too small to split, and a thread the
-scheduler preempts stalls its partner at every barrier), so 1 stays the default. Both
+scheduler preempts stalls its partner at every barrier), so 1 stays the default. A replay's
+turns and evaluations come out the same whatever the thread counts (Session 8: a backend on
+2 threads repeated a 1-thread run turn for turn). Both
 processes run with OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning
 (spinning made 2-thread decoding 4x slower beside other jobs). Evaluations run by default
 on a second engine in a thread (:mod:`companion.sim.background_eval`), on the core the
 alternation of serving and training leaves idle; they give the replies an inline evaluation
-gives. A backend on 2 threads changes the trained weights (reduction order), so it changes
-the run, not just its speed (docs/replay.md, Session 8).
+gives.
 """
 
 from __future__ import annotations
@@ -307,8 +308,14 @@ class SystemLearner:
             pipe = st.get("pipeline", st)
             busy = (pipe.get("busy") or {}).get("train")
             queued = sum((pipe.get("train_buffers") or {}).values()) + sum((pipe.get("queues") or {}).values())
-            if st and not busy and queued == 0 and time.perf_counter() - t0 > 5:
-                break  # nothing left to train (e.g. the trainer refused or dropped the batch)
+            # The backend publishes every version it trains (a refused update too), so a trained
+            # version the engine does not serve yet is on its way: wait for it. Without this the
+            # replay could go on in the moment between the trainer going idle and the delta being
+            # applied, and serve the next turn with the old version (8 of 55 student replays of
+            # sessions 1-7 did, once each; docs/replay.md, Session 8).
+            trained = max((pipe.get("policy_versions") or {}).values(), default=0)  # one user per replay backend
+            if st and not busy and queued == 0 and trained <= self.engine.version and time.perf_counter() - t0 > 5:
+                break  # nothing left to train (e.g. the batch was dropped as stale)
         else:
             raise UserError(f"no policy update within {self.cfg.wait_timeout_s:.0f} s; see backend.log.")
         self.pending_samples = 0
