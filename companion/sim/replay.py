@@ -312,7 +312,7 @@ class SystemLearner:
             # version the engine does not serve yet is on its way: wait for it. Without this the
             # replay could go on in the moment between the trainer going idle and the delta being
             # applied, and serve the next turn with the old version (8 of 55 student replays of
-            # sessions 1-7 did, once each; docs/replay.md, Session 8).
+            # sessions 1-7 did, at one or two updates; docs/replay.md, Session 8).
             trained = max((pipe.get("policy_versions") or {}).values(), default=0)  # one user per replay backend
             if st and not busy and queued == 0 and trained <= self.engine.version and time.perf_counter() - t0 > 5:
                 break  # nothing left to train (e.g. the batch was dropped as stale)
