@@ -355,7 +355,7 @@ def run_replay(persona: Persona, cfg: ReplayConfig, run_dir: Path, *, model_path
     """Run one replay; writes report.json, turns.csv, plot.png and summary.md into ``run_dir``."""
     from tqdm import tqdm
 
-    from companion.engine.local import GenParams, LocalEngine
+    from companion.engine.local import DTYPES, GenParams, LocalEngine
     from companion.sim import report as rep
 
     t_start = time.perf_counter()
@@ -378,10 +378,13 @@ def run_replay(persona: Persona, cfg: ReplayConfig, run_dir: Path, *, model_path
         return EvalPoint(turn, eng.version, res.score, res.all_pass, res.distinct4, res.per_pref,
                          time.perf_counter() - t0, rating)
 
+    DTYPE_NAMES = {v: k for k, v in DTYPES.items()}  # the evaluation engine copies the serving one's
     background = None
     if cfg.background_eval and hasattr(engine, "copy_weights_from"):
         background = BackgroundEvaluator(
-            engine, lambda: LocalEngine(engine.model_path, dtype=dtype, threads=cfg.threads), evaluate_on)
+            engine, lambda: LocalEngine(engine.model_path, dtype=DTYPE_NAMES[engine.dtype], threads=cfg.threads,
+                                        fingerprint=engine.fingerprint, use_fast_path=engine.fast is not None),
+            evaluate_on)
 
     def evaluate(turn: int) -> None:
         if background is not None:
