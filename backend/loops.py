@@ -95,6 +95,19 @@ def user_dir_name(user: str) -> str:
     return f"{safe}-{hashlib.sha256(user.encode()).hexdigest()[:8]}"
 
 
+def read_latest_delta(user_dir: Path) -> tuple[dict, bytes] | None:
+    """The (header, payload) a backend saved last in a user's folder (``latest.json`` +
+    ``latest.safetensors``), or None when there is none or the two files do not match."""
+    try:
+        header = json.loads((user_dir / "latest.json").read_text())
+        payload = (user_dir / "latest.safetensors").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        return None  # torn write between the two files: the next update replaces it
+    return header, payload
+
+
 class Pipeline:
     def __init__(self, store: Store, stages: Stages, cfg: PipelineConfig, data_dir: Path,
                  publish: Callable[[str, str, Any], None]) -> None:
@@ -330,16 +343,10 @@ class Pipeline:
         """The newest published (header, payload) of this user, for clients that catch up."""
         if user in self._latest:
             return self._latest[user]
-        d = self.user_dir(user)
-        try:
-            header = json.loads((d / "latest.json").read_text())
-            payload = (d / "latest.safetensors").read_bytes()
-        except (OSError, ValueError):
-            return None
-        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-            return None  # torn write between the two files: the next update replaces it
-        self._latest[user] = (header, payload)
-        return header, payload
+        latest = read_latest_delta(self.user_dir(user))
+        if latest is not None:
+            self._latest[user] = latest
+        return latest
 
     # -- status -------------------------------------------------------------------------------
     def stats(self, user: str | None = None) -> dict:

@@ -56,11 +56,13 @@ def main() -> int:
     engine = LocalEngine(resolve_model_path(settings), dtype=settings.dtype, threads=1)
     recorded = None
     if args.run:
-        latest = sorted(Path(args.run).glob("backend/users/*/latest.json"))
-        if not latest:
-            ap.error(f"{args.run}: no backend/users/*/latest.json (not a learning replay's folder?)")
-        header = json.loads(latest[0].read_text())
-        engine.apply_delta((header, latest[0].with_suffix(".safetensors").read_bytes()))
+        from backend.loops import read_latest_delta
+
+        users = sorted(Path(args.run).glob("backend/users/*"))
+        latest = read_latest_delta(users[0]) if users else None
+        if latest is None:
+            ap.error(f"{args.run}: no saved policy version in backend/users/ (not a learning replay's folder?)")
+        engine.apply_delta(latest)
         last = sorted(Path(args.run).glob("eval_replies/turn*.json"))
         if last:
             rec = json.loads(last[-1].read_text())

@@ -145,12 +145,13 @@ def test_combined_replay_trains_through_journal_link_backend(tmp_path, tiny_mode
     assert int(rows[-1]["policy_version"]) >= 1
     # the last evaluation, made beside the replay on a copy of the weights, equals an inline
     # evaluation of the backend's last version on a fresh engine
+    from backend.loops import read_latest_delta
     from companion.engine.local import LocalEngine
     from companion.sim.evaluation import run_eval
 
-    [latest] = (d / "backend" / "users").glob("*/latest.json")
+    [user_dir] = (d / "backend" / "users").iterdir()
     fresh = LocalEngine(tiny_model_dir, dtype="fp32")
-    fresh.apply_delta((json.loads(latest.read_text()), latest.with_suffix(".safetensors").read_bytes()))
+    fresh.apply_delta(read_latest_delta(user_dir))
     last = json.loads((d / "eval_replies" / "turn006.json").read_text())
     assert last["version"] == fresh.version == rep["final_version"]
     assert run_eval(fresh, persona, "You are a helpful assistant.", 12).replies == last["replies"]
