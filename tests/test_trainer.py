@@ -332,6 +332,49 @@ def test_length_guard_refuses_a_collapse_to_empty_replies(tiny_model_dir):
     assert tr.baseline == 0.0  # a refused batch does not move the reward baseline either
 
 
+class _StockPhraseProbe(Trainer):
+    """Greedy probe replies that are varied before any update and, after one, the same stock phrase
+    for every prompt (the Session 8 collapse: replies loop or share a phrase across prompts)."""
+
+    def greedy_cached(self, prompts, max_new_tokens):
+        if self.step == 0:
+            return [[20 * i + k for k in range(12)] for i in range(len(prompts))]
+        return [[5, 6, 7, 8, 9, 10] for _ in prompts]
+
+
+def test_variety_guard_refuses_replies_that_lose_variety_against_the_base(tiny_model_dir, tmp_path):
+    from backend.trainer.trainer import pooled_distinct_ngrams
+
+    assert pooled_distinct_ngrams([[1, 2, 3, 4, 5]]) == 1.0
+    assert pooled_distinct_ngrams([[1, 2, 3, 4], [1, 2, 3, 4]]) == 0.5  # one phrase for two prompts
+    tr = _StockPhraseProbe(cfg(guard_variety_drop=0.1, lr=1e-2), model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+    params = {n: p.detach().clone() for n, p in tr.trainable.items()}
+    samples = fixed_samples(tr.tokenizer)
+    rep = tr.update(samples)
+    assert not rep.accepted and "distinct-4" in rep.reason
+    assert rep.variety_base == 1.0 and rep.variety_after == pytest.approx(1 / len(samples))
+    assert all(torch.equal(p, params[n]) for n, p in tr.trainable.items()) and tr.step == 0
+    assert tr._variety_prompts == [list(s.prompt_ids) for s in samples[:4]]
+    again = Trainer(cfg(guard_variety_drop=0.1, lr=1e-2), model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+    assert (again._variety_base, again._variety_prompts) == (1.0, tr._variety_prompts)  # checkpointed
+    off = _StockPhraseProbe(cfg(lr=1e-2), model_path=tiny_model_dir)  # guard_variety_drop defaults to 0: off
+    rep = off.update(samples)
+    assert rep.accepted and rep.variety_base is None and rep.variety_after is None and off._variety_prompts == []
+
+
+def test_variety_guard_measures_the_frozen_base_even_when_first_used_later(tiny_model_dir):
+    tr = Trainer(cfg(lr=5e-2), model_path=tiny_model_dir)
+    samples = fixed_samples(tr.tokenizer)
+    tr.update(samples)  # a trained version serves before the guard is switched on
+    tr._variety_prompts = [list(s.prompt_ids) for s in samples[:4]]
+    trained = tr._variety()
+    tr.cfg.guard_variety_drop = 0.9
+    rep = tr.update(samples)
+    fresh = Trainer(cfg(), model_path=tiny_model_dir)
+    fresh._variety_prompts = tr._variety_prompts
+    assert rep.variety_base == fresh._variety() != trained
+
+
 def test_greedy_probe_and_repetition_metric(tiny_model_dir):
     from backend.trainer.trainer import repeated_ngram_fraction
 

@@ -82,6 +82,14 @@ class TrainerConfig:
     guard_tokens: int = _help("Greedy tokens generated per probe prompt.", default=24)
     guard_max_repeat: float = _help("Refuse when the repeated-3-gram fraction exceeds this and got worse.", default=0.5)
     guard_min_len_ratio: float = _help("Refuse when the mean greedy probe length falls below this share of the previous version's (0 = off).", default=0.5)
+    guard_variety_drop: float = _help(
+        "Variety guard (0 = off): refuse an update when the distinct-4-gram share of the greedy replies to "
+        "'guard_variety_prompts' probe prompts, pooled across the replies, falls more than this below the frozen "
+        "base model's on the same prompts. The replay's collapse measure, on training prompts: the short, "
+        "per-reply repetition probe above missed the stock phrases and late loops that ended two student "
+        "replays in Session 8 (docs/replay.md, Session 9).", default=0.0)
+    guard_variety_prompts: int = _help("Probe prompts for the variety guard (the first update's first samples).", default=4)
+    guard_variety_tokens: int = _help("Greedy tokens generated per variety probe prompt.", default=64)
     dtype: str = _help(
         "Training compute: 'fp32' (default: this CPU has no native bf16 GEMM, bf16 measured ~7x slower) "
         "or 'bf16' autocast (fp32 master weights and fp32 vocabulary projection; for GPUs / AMX CPUs).",
@@ -122,6 +130,9 @@ class TrainerConfig:
             (self.tp >= 1, "tp must be at least 1."),
             (self.threads >= 0, "threads must be 0 (unchanged) or positive."),
             (0 <= self.guard_min_len_ratio < 1, "guard_min_len_ratio must be in [0, 1)."),
+            (0 <= self.guard_variety_drop < 1, "guard_variety_drop must be in [0, 1)."),
+            (self.guard_variety_prompts >= 1 and self.guard_variety_tokens >= 4,
+             "guard_variety_prompts must be at least 1 and guard_variety_tokens at least 4."),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1."),
             (self.max_tokens >= 8, "max_tokens must be at least 8."),
         ]

@@ -60,6 +60,13 @@ class UpdateReport(dict):
             raise AttributeError(key) from None
 
 
+def pooled_distinct_ngrams(replies: list[list[int]], n: int = 4) -> float:
+    """Distinct n-grams over all n-grams, pooled across replies (1.0 when there are none): the
+    replay's collapse measure on token ids. Low when replies loop *or* share stock phrases."""
+    grams = [tuple(r[i : i + n]) for r in replies for i in range(len(r) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
 def repeated_ngram_fraction(ids: list[int], n: int = 3) -> float:
     """Share of n-grams that repeat an earlier one (0 = no repetition, ->1 = a loop)."""
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
@@ -116,7 +123,7 @@ class Trainer:
             self.trainable = lora_parameters(self.model)
         else:
             self.trainable = {n: p for n, p in self.model.named_parameters()}
-            if cfg.kl_coef > 0 or cfg.teacher == "base":
+            if cfg.kl_coef > 0 or cfg.teacher == "base" or cfg.guard_variety_drop > 0:
                 # A frozen copy of the base weights, swapped in for base-policy passes.
                 self._base_state = {n: p.detach().clone() for n, p in self.trainable.items()}
         self.optimizer = torch.optim.AdamW(
@@ -131,6 +138,8 @@ class Trainer:
         self.resumed_from: int | None = None
         self._probe_prompts: list[list[int]] = []
         self._probe_rep: tuple[float, float] | None = None  # (repeat share, length) of the serving version
+        self._variety_prompts: list[list[int]] = []  # the variety guard's probe prompts (fixed at first use)
+        self._variety_base: float | None = None  # their pooled distinct-4 share under the frozen base
         self._praised: list[dict] = []  # newest replay_buffer praised replies: turn_id, user, prompt_ids, response_ids
         if self.checkpoint_dir is not None:
             self._resume()
@@ -359,6 +368,10 @@ class Trainer:
         n = max(1, len(replies))
         return sum(repeated_ngram_fraction(r) for r in replies) / n, sum(len(r) for r in replies) / n
 
+    def _variety(self) -> float:
+        """Pooled distinct-4-gram share of greedy replies to the variety probe prompts."""
+        return pooled_distinct_ngrams(self.greedy_cached(self._variety_prompts, self.cfg.guard_variety_tokens))
+
     # ---- the update -----------------------------------------------------------------------------
 
     def _clip_grads(self) -> float:
@@ -554,8 +567,16 @@ class Trainer:
             self._probe_rep = self._repetition(guard_prompts)
             guard_s += time.perf_counter() - tg
         rep_before, len_before = self._probe_rep if guard_prompts else (None, None)
+        variety = cfg.guard_variety_drop > 0
+        if variety and not self._variety_prompts:
+            self._variety_prompts = [list(s.prompt_ids) for s in judged[: cfg.guard_variety_prompts]]
+        if variety and self._variety_base is None:
+            tg = time.perf_counter()
+            with self._base_ctx():  # the base's figure, whatever version is serving when the guard is first used
+                self._variety_base = self._variety()
+            guard_s += time.perf_counter() - tg
         snapshot = None
-        if guard_prompts:
+        if guard_prompts or variety:
             snapshot = ({n: p.detach().clone() for n, p in self.trainable.items()},
                         copy.deepcopy(self.optimizer.state_dict()))
         # --- PPO epochs
@@ -611,7 +632,9 @@ class Trainer:
             grad_norm=max(norms), baseline=self.baseline if cfg.baseline == "ema" else 0.0,
             rl_adv_mean=rl_mean, opd_adv_mean=opd_mean, rep_before=rep_before, rep_after=None,
             len_before=len_before, len_after=None, step=self.step,
+            variety_base=self._variety_base if variety else None, variety_after=None,
         )
+        why = ""
         if guard_prompts:
             tg = time.perf_counter()
             rep_after, len_after = self._repetition(guard_prompts)
@@ -622,16 +645,25 @@ class Trainer:
             # (docs/trainer.md). Gradual shortening passes; halving in one update does not.
             shrinking = len_after < cfg.guard_min_len_ratio * len_before
             if looping or shrinking:
-                with torch.no_grad():
-                    for n, p in self.trainable.items():
-                        p.copy_(snapshot[0][n])
-                self.optimizer.load_state_dict(snapshot[1])
-                self.step -= len(losses)
                 why = (f"greedy repeat {rep_after:.2f} > {cfg.guard_max_repeat}" if looping
                        else f"greedy length {len_after:.1f} < {cfg.guard_min_len_ratio} x {len_before:.1f}")
-                report.update(accepted=False, reason=f"repetition guard: {why}", step=self.step)
-            else:
-                self._probe_rep = (rep_after, len_after)
+        if variety and not why:
+            tg = time.perf_counter()
+            variety_after = self._variety()
+            guard_s += time.perf_counter() - tg
+            report.update(variety_after=variety_after)
+            if variety_after < self._variety_base - cfg.guard_variety_drop:
+                why = (f"greedy distinct-4 {variety_after:.2f} < base {self._variety_base:.2f} "
+                       f"- {cfg.guard_variety_drop}")
+        if why:
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    p.copy_(snapshot[0][n])
+            self.optimizer.load_state_dict(snapshot[1])
+            self.step -= len(losses)
+            report.update(accepted=False, reason=f"repetition guard: {why}", step=self.step)
+        elif guard_prompts:
+            self._probe_rep = (rep_after, len_after)
         if report["accepted"]:
             self._update_baseline(samples)
         self._remember_praised(judged)  # the person's praise stands even when the guard refused the update
@@ -667,6 +699,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "version": self.version, "step": self.step, "baseline": self.baseline, "n_rewards": self.n_rewards,
             "probe_prompts": self._probe_prompts, "probe_rep": self._probe_rep, "praised": self._praised,
+            "variety_prompts": self._variety_prompts, "variety_base": self._variety_base,
         }
 
     def _save(self) -> None:
@@ -702,4 +735,6 @@ class Trainer:
         self._probe_prompts = state.get("probe_prompts") or []
         self._probe_rep = tuple(state["probe_rep"]) if state.get("probe_rep") else None
         self._praised = list(state.get("praised") or [])
+        self._variety_prompts = state.get("variety_prompts") or []
+        self._variety_base = state.get("variety_base")
         self.resumed_from = self.version
