@@ -108,6 +108,21 @@ def read_latest_delta(user_dir: Path) -> tuple[dict, bytes] | None:
     return header, payload
 
 
+def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
+    """What a published version learned from, as the person's history keeps it (``learned_from``).
+
+    When a guard refused the update (``accepted`` False) the version carries the previous
+    weights: ``refused`` says why, so the history never claims it learned from these turns.
+    """
+    summary = {"n_samples": len(turn_ids), "turn_ids": turn_ids[:64],
+               **{k: report[k] for k in ("loss", "n_tokens", "seconds", "train_serve_gap") if k in report}}
+    if report.get("n_replayed"):  # earlier praised replies trained on again (replay_praised)
+        summary["n_replayed"] = report["n_replayed"]
+    if report.get("accepted") is False:
+        summary["refused"] = str(report.get("reason") or "refused")
+    return summary
+
+
 class Pipeline:
     def __init__(self, store: Store, stages: Stages, cfg: PipelineConfig, data_dir: Path,
                  publish: Callable[[str, str, Any], None]) -> None:
@@ -313,11 +328,7 @@ class Pipeline:
         delta = tr.export_delta()
         if self.stages.fingerprint and "base_fingerprint" not in delta.meta:
             delta.meta["base_fingerprint"] = self.stages.fingerprint
-        summary = {"n_samples": len(turn_ids), "turn_ids": turn_ids[:64],
-                   **{k: report[k] for k in ("loss", "n_tokens", "seconds", "train_serve_gap") if k in report}}
-        if report.get("n_replayed"):  # earlier praised replies trained on again (replay_praised)
-            summary["n_replayed"] = report["n_replayed"]
-        delta.meta["learned_from"] = json.dumps(summary, default=float)
+        delta.meta["learned_from"] = json.dumps(learned_from_summary(report, turn_ids), default=float)
         delta.meta["user"] = user
         header, payload = pack(delta)
         self._save_latest(user, header, payload)

@@ -197,3 +197,17 @@ def test_history_and_prefs_commands(tmp_path, capsys, monkeypatch):
     assert main(["history", "--data-dir", str(tmp_path), "--session", "nope"]) == 2
     assert "no session 'nope'" in capsys.readouterr().err
     assert main(["history", "--data-dir", str(tmp_path / "empty")]) == 2
+
+
+def test_a_refused_update_is_shown_as_refused_not_as_learned():
+    from backend.loops import learned_from_summary
+
+    kept = learned_from_summary({"accepted": True, "loss": 0.5, "n_tokens": 9}, ["a", "b"])
+    assert kept == {"n_samples": 2, "turn_ids": ["a", "b"], "loss": 0.5, "n_tokens": 9}
+    refused = learned_from_summary({"accepted": False, "reason": "repetition guard: greedy distinct-4 0.40 < base 0.95 - 0.1",
+                                    "loss": 0.5}, ["a", "b"])
+    assert refused["refused"].startswith("repetition guard: greedy distinct-4")
+    s = LearningStatus()
+    notice = apply_event(s, {"kind": "version", "version": 3, "learned_from": {**refused, "hints": ["Be brief."]}})
+    assert notice.startswith("Now serving v3: the update was refused and the previous weights kept (repetition guard")
+    assert "learned from" not in notice and s.version == 3

@@ -65,6 +65,8 @@ def shorten(text: str, width: int) -> str:
 def version_notice(version: int, learned_from: dict | None) -> str:
     """One line saying a new policy version serves and what it learned from."""
     info = learned_from or {}
+    if info.get("refused"):
+        return f"Now serving v{version}: the update was refused and the previous weights kept ({shorten(info['refused'], 60)})"
     parts = []
     if info.get("n_samples"):
         n = info["n_samples"]
