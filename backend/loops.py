@@ -118,6 +118,9 @@ def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
                **{k: report[k] for k in ("loss", "n_tokens", "seconds", "train_serve_gap") if k in report}}
     if report.get("n_replayed"):  # earlier praised replies trained on again (replay_praised)
         summary["n_replayed"] = report["n_replayed"]
+    for k in ("variety_base", "variety_after"):  # the variety guard's figures, when it ran
+        if report.get(k) is not None:
+            summary[k] = round(float(report[k]), 4)
     if report.get("accepted") is False:
         summary["refused"] = str(report.get("reason") or "refused")
     return summary

@@ -205,8 +205,9 @@ def test_a_refused_update_is_shown_as_refused_not_as_learned():
     kept = learned_from_summary({"accepted": True, "loss": 0.5, "n_tokens": 9}, ["a", "b"])
     assert kept == {"n_samples": 2, "turn_ids": ["a", "b"], "loss": 0.5, "n_tokens": 9}
     refused = learned_from_summary({"accepted": False, "reason": "repetition guard: greedy distinct-4 0.40 < base 0.95 - 0.1",
-                                    "loss": 0.5}, ["a", "b"])
+                                    "loss": 0.5, "variety_base": 0.95, "variety_after": 0.4, "rep_after": None}, ["a", "b"])
     assert refused["refused"].startswith("repetition guard: greedy distinct-4")
+    assert (refused["variety_base"], refused["variety_after"]) == (0.95, 0.4) and "rep_after" not in refused
     s = LearningStatus()
     notice = apply_event(s, {"kind": "version", "version": 3, "learned_from": {**refused, "hints": ["Be brief."]}})
     assert notice.startswith("Now serving v3: the update was refused and the previous weights kept (repetition guard")
