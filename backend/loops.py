@@ -331,7 +331,11 @@ class Pipeline:
         delta = tr.export_delta()
         if self.stages.fingerprint and "base_fingerprint" not in delta.meta:
             delta.meta["base_fingerprint"] = self.stages.fingerprint
-        delta.meta["learned_from"] = json.dumps(learned_from_summary(report, turn_ids), default=float)
+        learned = learned_from_summary(report, turn_ids)
+        delta.meta["learned_from"] = json.dumps(learned, default=float)
+        log.info("user %s: v%s from %d samples, loss %s, %s", user, delta.version, len(turn_ids),
+                 f"{report['loss']:.4f}" if isinstance(report.get("loss"), (int, float)) else "-",
+                 f"refused ({learned['refused']})" if "refused" in learned else "accepted")
         delta.meta["user"] = user
         header, payload = pack(delta)
         self._save_latest(user, header, payload)
