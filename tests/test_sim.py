@@ -143,6 +143,8 @@ def test_combined_replay_trains_through_journal_link_backend(tmp_path, tiny_mode
     assert n_turns == 6 and delivered == 6 and versions and versions[-1] == rep["final_version"]
     # later turns were served by newer policy versions
     assert int(rows[-1]["policy_version"]) >= 1
+    log = (d / "backend.log").read_text()
+    assert all(f": v{v} from 2 samples, loss " in log for v in versions)  # one line per published version
     # the last evaluation, made beside the replay on a copy of the weights, equals an inline
     # evaluation of the backend's last version on a fresh engine
     from backend.loops import read_latest_delta

@@ -231,7 +231,7 @@ class SystemLearner:
             settings,
             extra_args=["--method", cfg.method, "--batch-size", str(cfg.batch_size), "--judge", cfg.judge,
                         "--judge-m", str(cfg.judge_m), "--trainer-json", json.dumps(cfg.trainer_overrides or {}),
-                        "--train-after", "0"],
+                        "--train-after", "0", "--verbose"],  # --verbose: backend.log gets a line per version
             endpoint=f"ipc://{sock_dir}/backend.sock", log_file=run_dir / "backend.log", ready_timeout=180.0,
             threads=cfg.backend_threads)
         self.journal = Journal(run_dir / "companion.db", client_id=f"replay-{cfg.method}-{cfg.seed}")
