@@ -115,7 +115,7 @@ def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
     weights: ``refused`` says why, so the history never claims it learned from these turns.
     """
     summary = {"n_samples": len(turn_ids), "turn_ids": turn_ids[:64],
-               **{k: report[k] for k in ("loss", "n_tokens", "seconds", "train_serve_gap") if k in report}}
+               **{k: report[k] for k in ("loss", "n_tokens", "seconds", "guard_s", "train_serve_gap") if k in report}}
     if report.get("n_replayed"):  # earlier praised replies trained on again (replay_praised)
         summary["n_replayed"] = report["n_replayed"]
     for k in ("variety_base", "variety_after"):  # the variety guard's figures, when it ran
