@@ -375,6 +375,21 @@ def test_variety_guard_measures_the_frozen_base_even_when_first_used_later(tiny_
     assert rep.variety_base == fresh._variety() != trained
 
 
+def test_a_variety_guard_that_accepts_trains_exactly_as_without_it(tiny_model_dir):
+    # Replays with the guard on and nothing refused are the default's runs (docs/replay.md, Session 9):
+    # its probes (greedy, under the frozen base too) must not touch weights, optimizer or RNG.
+    def train(**kw):
+        tr = Trainer(cfg(lr=1e-2, **kw), model_path=tiny_model_dir)
+        samples = fixed_samples(tr.tokenizer)
+        reports = [tr.update(samples) for _ in range(3)]
+        return tr, reports
+
+    plain, _ = train()
+    guarded, reports = train(guard_variety_drop=0.99)
+    assert all(r.accepted and r.variety_after is not None for r in reports)
+    assert all(torch.equal(p, guarded.trainable[n]) for n, p in plain.trainable.items())
+
+
 def test_greedy_probe_and_repetition_metric(tiny_model_dir):
     from backend.trainer.trainer import repeated_ngram_fraction
 
