@@ -251,10 +251,21 @@ def test_explicit_trainer_weights_win_over_the_method_defaults():
 
 
 def test_replay_trains_combined_at_half_the_opd_weight_unless_told():
-    assert ReplayConfig().trainer_overrides == {"w_opd": 0.5}
-    assert ReplayConfig(trainer_overrides={"w_opd": 1.0, "lr": 6e-4}).trainer_overrides == {"w_opd": 1.0, "lr": 6e-4}
-    assert ReplayConfig(method="binary").trainer_overrides == {}
-    assert ReplayConfig(method="opd", trainer_overrides={"lr": 1e-4}).trainer_overrides == {"lr": 1e-4}
+    assert ReplayConfig().trainer_overrides == {"w_opd": 0.5, "kl_coef": 0.2}
+    assert ReplayConfig(trainer_overrides={"w_opd": 1.0, "lr": 6e-4}).trainer_overrides == {
+        "w_opd": 1.0, "kl_coef": 0.2, "lr": 6e-4}
+    assert ReplayConfig(trainer_overrides={"kl_coef": 0.05}).trainer_overrides["kl_coef"] == 0.05  # explicit wins
+    assert ReplayConfig(method="binary").trainer_overrides == {"kl_coef": 0.2}
+    assert ReplayConfig(method="opd", trainer_overrides={"lr": 1e-4}).trainer_overrides == {"kl_coef": 0.2, "lr": 1e-4}
+    assert ReplayConfig(method="none").trainer_overrides == {}  # never trains
+
+
+def test_replay_samples_training_turns_at_its_own_temperature_not_the_chat_default():
+    from companion.config import Settings
+    from companion.sim.replay import REPLAY_TEMPERATURE
+
+    assert ReplayConfig().temperature == REPLAY_TEMPERATURE == 0.5
+    assert Settings().temperature == 0.7  # the product's chat default is not the replay's
 
 
 def test_report_names_each_polarity_flip_with_its_count():
