@@ -28,6 +28,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from companion.errors import UserError
 
 
+# The chat's sampling temperature, also the replay's for its training turns (one measured setting).
+CHAT_TEMPERATURE = 0.5
+
+
 class ConfigError(UserError):
     """A user-facing configuration mistake; the message is one clear sentence."""
 
@@ -54,7 +58,11 @@ class Settings:
     dtype: str = _help("Serving precision: 'bf16' (default, ~2x faster on CPU) or 'fp32'.", default="bf16")
     threads: int = _help("Torch threads for serving; 0 means all cores.", default=0)
     max_new_tokens: int = _help("Longest reply, in tokens.", default=256)
-    temperature: float = _help("Sampling temperature; 0 means greedy decoding.", default=0.7)
+    temperature: float = _help(
+        "Sampling temperature; 0 means greedy decoding. 0.5: the replies a person reacts to are what the "
+        "policy learns from, and sampled at 0.5 (with the trainer's KL anchor 0.2) the student replay learned "
+        "more and never lost variety, where 0.7 did on 5 of 9 seeds (docs/replay.md, Session 10).",
+        default=CHAT_TEMPERATURE)
     top_p: float = _help("Nucleus sampling: keep the smallest token set with this much probability.", default=0.9)
     system_prompt: str = _help(
         "System message for every chat. It never contains learned preferences: "

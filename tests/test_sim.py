@@ -241,31 +241,36 @@ def test_local_backend_gets_its_thread_budget(monkeypatch, tmp_path):
 def test_explicit_trainer_weights_win_over_the_method_defaults():
     from backend.stages import method_trainer_overrides as mto
 
-    assert mto("combined", {"w_opd": 0.5, "lr": 6e-4}) == {"w_rl": 1.0, "w_opd": 0.5, "lr": 6e-4}
-    assert mto("combined", {}) == {"w_rl": 1.0, "w_opd": 1.0}
+    assert mto("combined", {"w_opd": 1.0, "lr": 6e-4}) == {"w_rl": 1.0, "w_opd": 1.0, "lr": 6e-4}
+    assert mto("combined", {}) == {"w_rl": 1.0, "w_opd": 0.5}  # combined trains OPD at half weight
     assert mto("binary", {"w_opd": 0.5}) == {"w_rl": 1.0, "w_opd": 0.0, "w_teacher_reply": 0.0}  # binary never uses OPD
     assert mto("opd", {"w_opd": 0.5, "w_rl": 1.0}) == {"w_rl": 0.0, "w_opd": 0.5}
+    assert mto("opd", {}) == {"w_rl": 0.0, "w_opd": 1.0}
     tr = {"teacher_replies": "base", "w_teacher_reply": 0.5}  # hints drive teacher-written replies: never for binary
     assert mto("binary", tr)["w_teacher_reply"] == 0.0
-    assert mto("combined", tr) == {**tr, "w_rl": 1.0, "w_opd": 1.0} and mto("opd", tr) == {**tr, "w_rl": 0.0, "w_opd": 1.0}
+    assert mto("combined", tr) == {**tr, "w_rl": 1.0, "w_opd": 0.5} and mto("opd", tr) == {**tr, "w_rl": 0.0, "w_opd": 1.0}
 
 
-def test_replay_trains_combined_at_half_the_opd_weight_unless_told():
-    assert ReplayConfig().trainer_overrides == {"w_opd": 0.5, "kl_coef": 0.2}
-    assert ReplayConfig(trainer_overrides={"w_opd": 1.0, "lr": 6e-4}).trainer_overrides == {
-        "w_opd": 1.0, "kl_coef": 0.2, "lr": 6e-4}
-    assert ReplayConfig(trainer_overrides={"kl_coef": 0.05}).trainer_overrides["kl_coef"] == 0.05  # explicit wins
-    assert ReplayConfig(method="binary").trainer_overrides == {"kl_coef": 0.2}
-    assert ReplayConfig(method="opd", trainer_overrides={"lr": 1e-4}).trainer_overrides == {"kl_coef": 0.2, "lr": 1e-4}
-    assert ReplayConfig(method="none").trainer_overrides == {}  # never trains
+def test_the_replay_trains_with_the_products_own_learning_defaults():
+    """One measured setting: what the replay shows is what a person's chat gets (Session 11)."""
+    from backend.stages import method_trainer_overrides as mto
+    from backend.trainer.config import TrainerConfig
+
+    assert ReplayConfig().trainer_overrides == {}  # nothing replay-only is layered over the backend
+    assert ReplayConfig(trainer_overrides={"lr": 6e-4}).trainer_overrides == {"lr": 6e-4}
+    for method, w_opd in (("combined", 0.5), ("opd", 1.0)):
+        cfg = TrainerConfig(**mto(method, ReplayConfig(method=method).trainer_overrides))
+        assert (cfg.kl_coef, cfg.w_opd) == (0.2, w_opd)
+    binary = TrainerConfig(**mto("binary", {}))
+    assert (binary.kl_coef, binary.w_opd, binary.w_rl) == (0.2, 0.0, 1.0)
+    assert TrainerConfig(**mto("combined", {"kl_coef": 0.05})).kl_coef == 0.05  # explicit wins
 
 
-def test_replay_samples_training_turns_at_its_own_temperature_not_the_chat_default():
-    from companion.config import Settings
+def test_replay_samples_training_turns_at_the_chats_temperature():
+    from companion.config import CHAT_TEMPERATURE, Settings
     from companion.sim.replay import REPLAY_TEMPERATURE
 
-    assert ReplayConfig().temperature == REPLAY_TEMPERATURE == 0.5
-    assert Settings().temperature == 0.7  # the product's chat default is not the replay's
+    assert ReplayConfig().temperature == REPLAY_TEMPERATURE == Settings().temperature == CHAT_TEMPERATURE == 0.5
 
 
 def test_report_names_each_polarity_flip_with_its_count():

@@ -32,13 +32,13 @@ def register(sub, common) -> None:
     p.add_argument("--max-new-tokens", type=int, default=160, help="longest reply in tokens (default 160)")
     p.add_argument("--temperature", type=float, default=REPLAY_TEMPERATURE,
                    help=f"sampling temperature of training turns (default {REPLAY_TEMPERATURE}; evaluation is always greedy; "
-                   "docs/replay.md, Session 10)")
+                   "the chat's default; docs/replay.md, Session 10)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of training turns (default 0.9)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per policy update (default 4)")
     p.add_argument("--judge", default="embedding", help="judge for backend.judge.load_judge (default embedding, the CPU judge; the llm judge needs an endpoint the replay backend does not pass yet)")
     p.add_argument("--judge-m", type=int, default=3, help="judge votes per turn (default 3)")
-    p.add_argument("--trainer", metavar="JSON", default="{}", help="extra TrainerConfig fields as JSON, e.g. '{\"lr\": 5e-4}'; the replay trains "
-                   "at kl_coef 0.2, combined also at w_opd 0.5 (docs/replay.md, Sessions 3 and 10)")
+    p.add_argument("--trainer", metavar="JSON", default="{}", help="extra TrainerConfig fields as JSON, e.g. '{\"lr\": 5e-4}', over the "
+                   "product's defaults (kl_coef 0.2; combined w_opd 0.5; docs/replay.md, Sessions 3, 10, 11)")
     g = p.add_argument_group("LLM roles (optional, any OpenAI-compatible endpoint)")
     g.add_argument("--llm-endpoint", metavar="URL", help="e.g. http://localhost:30000/v1")
     g.add_argument("--llm-model", default="default", help="model name sent to the endpoint")

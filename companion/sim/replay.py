@@ -46,6 +46,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from companion.config import CHAT_TEMPERATURE
 from companion.errors import UserError
 from companion.sim.background_eval import BackgroundEvaluator
 from companion.sim.evaluation import run_eval
@@ -53,18 +54,12 @@ from companion.sim.persona import Persona
 from companion.sim.user import SimulatedUser
 
 METHODS = ("combined", "binary", "opd", "none", "memory")
-# Replay defaults for the backend's TrainerConfig, per method; explicit --trainer fields win.
-# combined at w_opd 0.5: student all-pass 0.154 -> 0.615 with distinct-4 at most 0.058 below base,
-# against 0.385 (drop 0.233) at w_opd 1.0 on the same code (docs/replay.md, Session 3; one seed).
-# kl_coef 0.2 (TrainerConfig default 0.05) for every trained method, with serving temperature 0.5
-# (REPLAY_TEMPERATURE): with both, the combined student replay ended higher and never collapsed on
-# seven seeds, where the old defaults (0.05, 0.7) missed the collapse target on five of nine
-# (docs/replay.md, Session 10). The product's own defaults (backend, chat) are not changed by these.
-REPLAY_TRAINER_DEFAULTS = {"combined": {"w_opd": 0.5, "kl_coef": 0.2},
-                           "binary": {"kl_coef": 0.2},
-                           "opd": {"kl_coef": 0.2}}
-# Sampling temperature of the replay's training turns (evaluation is always greedy); see above.
-REPLAY_TEMPERATURE = 0.5
+# The replay trains with the product's own learning defaults (backend.stages.METHOD_WEIGHTS, TrainerConfig)
+# and samples its training turns at the chat's temperature, so it measures what a person's chat gets.
+# Until Session 11 it overrode them (kl_coef 0.2, combined w_opd 0.5, temperature 0.5) where the product
+# kept 0.05, 1.0 and 0.7; Session 11 moved the product to the replay's measured settings
+# (docs/replay.md, Sessions 3, 10 and 11). Evaluation is always greedy.
+REPLAY_TEMPERATURE = CHAT_TEMPERATURE
 MEMORY_HEADER = "\n\nWhat this user told you before (follow it):"
 
 
@@ -97,8 +92,8 @@ class ReplayConfig:
         "replies, on the core that serving and training leave idle. False = inline on the serving engine.",
         default=True)
     wait_timeout_s: float = _help("Longest wait for one judgment or one policy update.", default=600.0)
-    trainer_overrides: dict = _help("Extra TrainerConfig fields for the backend (JSON-able); merged over "
-                                    "REPLAY_TRAINER_DEFAULTS (kl_coef 0.2; combined also w_opd 0.5).",
+    trainer_overrides: dict = _help("Extra TrainerConfig fields for the backend (JSON-able) over the "
+                                    "product's defaults (kl_coef 0.2; combined w_opd 0.5).",
                                     default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,7 +109,7 @@ class ReplayConfig:
             raise UserError("--batch-size and --judge-m must be at least 1.")
         if self.threads < 0 or self.backend_threads < 0:
             raise UserError("--threads and --backend-threads must be 0 (auto) or positive.")
-        self.trainer_overrides = {**REPLAY_TRAINER_DEFAULTS.get(self.method, {}), **(self.trainer_overrides or {})}
+        self.trainer_overrides = dict(self.trainer_overrides or {})
         # Resolved here so report.json's config records the thread counts actually used.
         auto = min(_cores(), 4) if self.sync else 1
         self.threads = self.threads or auto
