@@ -16,7 +16,7 @@ from companion.errors import UserError
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-QUIET = dict(repetition_guard=False, kl_coef=0.0, entropy_floor=0.0, lora_rank=4, epochs=1)
+QUIET = dict(repetition_guard=False, kl_coef=0.0, entropy_floor=0.0, lora_rank=4, epochs=1, replay_praised=0)
 
 
 def cfg(**kw) -> TrainerConfig:
@@ -291,7 +291,8 @@ def test_praised_replies_are_replayed_in_later_updates(tiny_model_dir, tmp_path)
     [r] = again.replay_samples([criticised])
     assert r.turn_id in ("p0", "p1") and r.advantage == 0.5 and r.reward == 0 and r.teacher_prompt_ids is None
     assert [x.turn_id for x in again.replay_samples([criticised])] == [r.turn_id]  # seeded: same pick on rerun
-    off = Trainer(cfg(lr=3e-3), model_path=tiny_model_dir)  # replay_praised defaults to 0
+    assert (TrainerConfig().replay_praised, TrainerConfig().replay_buffer) == (2, 4)  # on by default (Session 11)
+    off = Trainer(cfg(lr=3e-3, replay_praised=0), model_path=tiny_model_dir)
     off.update([praised])
     assert off._praised == [] and off.update([criticised]).n_replayed == 0
 
