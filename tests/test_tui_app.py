@@ -124,10 +124,30 @@ async def type_live(app, text):
     return worst
 
 
+class PacedEngine:
+    """The tiny engine at a real model's pace: on a quiet machine the random 2-layer model writes
+    1000 tokens before the test's first look, so the reply is over before it can be typed over or
+    cancelled. A short sleep per token (5 ms: ~200 tok/s, still 5x the real model's speed, so
+    coalesced rendering is still tested) keeps it streaming; everything else is the real engine."""
+
+    def __init__(self, engine, per_token_s: float = 0.005):
+        self._engine, self._per_token_s = engine, per_token_s
+
+    def generate(self, messages, params=None, on_token=None, **kw):
+        def paced(piece):
+            time.sleep(self._per_token_s)
+            if on_token is not None:
+                on_token(piece)
+        return self._engine.generate(messages, params, on_token=paced, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
 def test_input_stays_usable_and_esc_cancels_a_streaming_reply(engine, journal):
     async def run():
         long = GenParams(max_new_tokens=1000, temperature=0)  # far longer than the test takes to cancel it
-        app = CompanionApp(engine, long, journal=journal)
+        app = CompanionApp(PacedEngine(engine), long, journal=journal)
         async with app.run_test(size=(100, 30)) as pilot:
             await pilot.press(*"tell me a story", "enter")
             await wait_for(pilot, lambda: app.chat.streaming is not None and app.chat.streaming.text)
