@@ -198,7 +198,8 @@ def test_thread_budget_every_core_when_synchronous_one_each_when_free(monkeypatc
     from companion.errors import UserError
 
     monkeypatch.setattr(replay, "_cores", lambda: 2)
-    assert (ReplayConfig().threads, ReplayConfig().backend_threads) == (1, 1)  # the measured default
+    assert (ReplayConfig().threads, ReplayConfig().backend_threads) == (1, 2)  # the measured default
+    assert ReplayConfig(sync=False).backend_threads == 1  # free loops: training beside serving gets one core
     sync = ReplayConfig(threads=0, backend_threads=0)
     assert (sync.threads, sync.backend_threads) == (2, 2)  # auto: serving and training take turns
     free = ReplayConfig(sync=False, threads=0, backend_threads=0)

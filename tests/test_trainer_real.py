@@ -39,3 +39,23 @@ def test_real_model_conversion_and_lora_export_match_hf(real_model_dir, tmp_path
         got = PeftModel.from_pretrained(hf, str(folder)).eval()(input_ids=torch.tensor([ids])).logits[0]
     assert float((trained - ref).abs().max()) > 1e-3
     assert float((got - trained).abs().max()) < 1e-4
+
+
+def test_two_training_threads_train_exactly_as_one(real_model_dir):
+    """The replay gives its backend two threads (serving idles while it trains) and counts on the
+    update being the same bit for bit, which is measured here rather than promised by torch.
+    (Serving on two threads does change a replay: docs/replay.md, Session 11.)"""
+    trained = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.get_num_threads() == n
+            tr = Trainer(TrainerConfig(repetition_guard=False, epochs=1), model_path=real_model_dir)
+            report = tr.update(fixed_samples(tr.tokenizer))
+            assert report.accepted and report.kl is not None  # the default KL anchor's base pass ran too
+            trained.append({k: p.detach().clone() for k, p in tr.trainable.items()})
+    finally:
+        torch.set_num_threads(1)
+    one, two = trained
+    assert any(float(p.abs().max()) > 0 for k, p in one.items() if "lora_b" in k.lower())  # it did learn
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -49,8 +49,9 @@ def register(sub, common) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for serving (default 1; 0 = every core, at most 4, when synchronous, since "
                    "serving and training then take turns, 1 with --no-sync)")
-    p.add_argument("--backend-threads", type=int, default=1,
-                   help="torch threads of the backend child, judge + trainer (default 1; 0 = as for --threads)")
+    p.add_argument("--backend-threads", type=int, default=0,
+                   help="torch threads of the backend child, judge + trainer (default 0: every core, at most 4, "
+                   "when synchronous, since serving waits while it trains; 1 with --no-sync)")
     p.add_argument("--inline-eval", action="store_true",
                    help="evaluate on the serving engine, pausing the replay (default: on a second engine beside it, "
                    "same replies, using the core that serving and training leave idle)")

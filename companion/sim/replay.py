@@ -22,13 +22,14 @@ before the next turn; the backend trains full batches only. The same seed then r
 the same tasks, reactions and (given deterministic CPU kernels) the same replies.
 Without ``sync`` the loops run free, as in the product, and timing decides versions.
 
-Threads: serving and the backend child (judge, trainer) use 1 torch thread each by default.
-With ``sync`` they never compute at the same time, so ``threads=0`` / ``backend_threads=0``
-give each every core (at most 4); measured on this 2-core machine shared with other jobs, 2
-threads were 10-40% slower than 1 (batch-1 decoding is too small to split, and a thread the
-scheduler preempts stalls its partner at every barrier), so 1 stays the default. A replay's
-turns and evaluations come out the same whatever the thread counts (Session 8: a backend on
-2 threads repeated a 1-thread run turn for turn). Both
+Threads: serving uses 1 torch thread by default, the backend child (judge, trainer) every core
+(at most 4) with ``sync`` and 1 without. With ``sync`` the two never compute at the same time, so
+training can have both cores while serving waits; a 2-thread backend trains bit for bit as a
+1-thread one (measured, not derived: Sessions 8 and 12 repeated 1-thread replays reply for reply,
+and ``tests/test_trainer_real.py`` checks one update's weights), and a 36-turn student replay
+took 493 s instead of 613 s. Serving stays at 1: 2 decoding threads were 10-40% slower on a
+shared 2-core machine (batch-1 decoding is too small to split, and a preempted thread stalls its
+partner at every barrier), and they do change a replay's replies (Session 11). Both
 processes run with OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning
 (spinning made 2-thread decoding 4x slower beside other jobs). Evaluations run by default
 on a second engine in a thread (:mod:`companion.sim.background_eval`), on the core the
@@ -85,8 +86,10 @@ class ReplayConfig:
     threads: int = _help("Torch threads for serving; 0 = every core (at most 4) with sync, where serving and "
                          "training take turns, 1 without. Default 1: on this shared 2-core machine 2 threads were "
                          "slower (docs/replay.md, Session 3).", default=1)
-    backend_threads: int = _help("Torch threads of the backend child (judge + trainer); 0 = as for threads.",
-                                 default=1)
+    backend_threads: int = _help(
+        "Torch threads of the backend child (judge + trainer); 0 (default) = every core (at most 4) with sync, "
+        "where serving waits while it trains, 1 without. Its thread count does not change a replay "
+        "(docs/replay.md, Session 12).", default=0)
     background_eval: bool = _help(
         "Evaluate on a second engine in a thread beside the replay (companion.sim.background_eval): the same "
         "replies, on the core that serving and training leave idle. False = inline on the serving engine.",
