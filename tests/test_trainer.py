@@ -68,6 +68,26 @@ def test_opd_moves_the_policy_toward_the_hinted_teacher(tiny_model_dir):
     assert rep.n_hinted == 1 and rep.opd_adv_mean == pytest.approx(float(adv.mean()), abs=1e-5)
 
 
+def test_centred_opd_keeps_only_which_tokens_the_teacher_disliked_more(tiny_model_dir):
+    # opd_center: the OPD term minus its mean over the reply. With w_rl = 0 the first loss
+    # (ratio 1, per-reply averaging) is -mean(A) = 0, the report still gives the uncentred mean,
+    # and the update moves tokens along the centred teacher preference.
+    tr = Trainer(cfg(lr=3e-4, teacher="base", w_rl=0.0, opd_center=True), model_path=tiny_model_dir)
+    s = fixed_samples(tr.tokenizer)[1]
+    pairs = [(s.prompt_ids, s.response_ids)]
+    teacher, _, _ = tr._score([(s.teacher_prompt_ids, s.response_ids)])
+    old, _, _ = tr._score(pairs)
+    adv = teacher - old
+    assert abs(float(adv.mean())) > 1e-3  # the uncentred term has a mean that centring removes
+    rep = tr.update([s])
+    new, _, _ = tr._score(pairs)
+    assert rep.loss_first == pytest.approx(0.0, abs=1e-6)
+    assert rep.opd_adv_mean == pytest.approx(float(adv.mean()), abs=1e-5)
+    assert float(((new - old) * (adv - adv.mean())).sum()) > 0
+    plain = Trainer(cfg(lr=3e-4, teacher="base", w_rl=0.0), model_path=tiny_model_dir)
+    assert plain.update([s]).loss_first == pytest.approx(-float(adv.mean()), abs=1e-5)
+
+
 def test_topk_opd_follows_the_teacher_distribution(tiny_model_dir):
     from backend.trainer import loss as L
 

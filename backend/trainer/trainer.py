@@ -17,6 +17,7 @@ Contract (the team interface):
 Learning rule per reply token t (A = advantage, old = log-probs recomputed here
 before the update; the serving log-probs only feed ``train_serve_gap``):
   A_t = w_rl * (r - b) * [r != 0]  +  w_opd * (log p_teacher(a_t | s + hint) - old_t) * [hint]
+(with ``opd_center`` the OPD term minus its mean over the reply's tokens)
 with b the running reward baseline (``cfg.baseline``). Loss = PPO clip(A) +
 kl_coef * KL_k3(policy || base) + entropy_coef * relu(entropy_floor - H). The PPO, OPD and
 KL terms are averaged over each reply's tokens and then over the replies (``loss_agg="sample"``,
@@ -417,8 +418,10 @@ class Trainer:
                 rl_parts.append(s.reward - b)
             if s.teacher_prompt_ids is not None and cfg.w_opd and teacher_lp is not None and not cfg.opd_topk:
                 term = teacher_lp[k : k + n] - old_lp[k : k + n]
+                opd_parts.append(float(term.mean()))  # reported before centring: how much the hint disliked the reply
+                if cfg.opd_center:
+                    term = term - term.mean()
                 a += cfg.w_opd * term
-                opd_parts.append(float(term.mean()))
             adv.append(a)
             k += n
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
