@@ -46,10 +46,11 @@ class TrainerConfig:
     teacher: str = _help("OPD teacher: 'self' (current policy + hint) or 'base' (frozen base + hint).", default="self")
     opd_center: bool = _help(
         "Centre the OPD term within each reply: A_t uses (log p_teacher - old)_t minus its mean over the reply's "
-        "tokens. The hinted teacher finds the whole criticised reply less likely (-0.11 nats per token on student "
-        "replies) and the words the hint is about more so (-0.31 on the filler words a plain-words hint names, "
-        "docs/trainer.md); the reward already says the reply was bad, so centring keeps only which tokens were "
-        "worse than the rest.", default=False)
+        "tokens. The hinted teacher finds the whole criticised reply less likely (-0.107 nats per token on student "
+        "replies) and the words the hint is about more so (-0.406 on filler words, scripts/opd_credit.py); centring "
+        "keeps only which tokens were worse than the rest. Off: on the student replay it lost the length signal that "
+        "the reply-wide part carries (0.462 on seeds 0 and 1 against 0.769 / 0.615; docs/replay.md, Session 15).",
+        default=False)
     opd_topk: int = _help("0 = token-level OPD on the sampled tokens; k > 0 = top-k OPD over the teacher's k best tokens.", default=0)
     opd_topk_clip: float = _help("Clip of the per-token log-ratio in top-k OPD.", default=2.0)
     teacher_replies: str = _help(
