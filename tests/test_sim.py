@@ -319,3 +319,23 @@ def test_sync_waits_for_a_trained_version_still_on_its_way(monkeypatch):
     threading.Timer(6.5, lambda: setattr(engine, "version", 1)).start()
     waited = learner._wait_for_update()
     assert engine.version == 1 and waited >= 6.0 and learner.pending_samples == 0
+
+
+def test_a_plot_of_many_runs_gives_every_run_its_own_colour(tmp_path, monkeypatch):
+    # matplotlib's default cycle repeats after ten colours: Session 15's twelve-run comparison drew
+    # two runs in one colour. Over ten runs plot_curves takes tab20.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from companion.sim import report as rep
+
+    drawn = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, path, **kw: drawn.append(fig))
+    curve = [{"turn": t, "score": 0.5, "all_pass": 0.2} for t in (0, 6)]
+    for n in (3, 12):
+        rep.plot_curves(tmp_path / "p.png", {f"run {i}": {"curve": curve} for i in range(n)}, title="t")
+        colours = [tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+                   for line in drawn[-1].axes[1].get_lines()[:n]]
+        assert len(set(colours)) == n

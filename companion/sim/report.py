@@ -98,10 +98,12 @@ def plot_curves(path: Path, reports: dict[str, dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for name, rep in reports.items():
+    # matplotlib's default cycle repeats after 10 colours; a larger comparison takes tab20 so no two runs share one
+    colours = plt.get_cmap("tab20").colors if len(reports) > 10 else [None] * len(reports)
+    for (name, rep), colour in zip(reports.items(), colours):
         xs = [p["turn"] for p in rep["curve"]]
-        ax1.plot(xs, [p["score"] for p in rep["curve"]], marker="o", label=name)
-        ax2.plot(xs, [p["all_pass"] for p in rep["curve"]], marker="o", label=name)
+        ax1.plot(xs, [p["score"] for p in rep["curve"]], marker="o", label=name, color=colour)
+        ax2.plot(xs, [p["all_pass"] for p in rep["curve"]], marker="o", label=name, color=colour)
     ax1.set_title("personalization score (eval)")
     ax2.set_title("all-pass rate (eval)")
     ax2.axhline(TARGET, color="grey", linestyle="--", linewidth=1)
