@@ -68,13 +68,14 @@ def main() -> int:
     engine = LocalEngine(model, dtype=settings.dtype, threads=1)
     trainer = Trainer(TrainerConfig(repetition_guard=False), model_path=model, checkpoint_dir=tempfile.mkdtemp())
     judge = load_judge("embedding")
+    eos = set(engine._eos_ids())
     match, other, centred_match, below = [], [], [], []
     n_replies = 0
     for i, task in enumerate(persona.tasks[: args.tasks]):
         messages = [{"role": "system", "content": settings.system_prompt}, {"role": "user", "content": task.prompt}]
         reply = engine.generate(messages, GenParams(max_new_tokens=args.max_new_tokens,
                                                     temperature=args.temperature, seed=args.seed * 1000 + i))
-        ids = [t for t in reply.token_ids if t not in engine._eos_ids()]
+        ids = [t for t in reply.token_ids if t not in eos]
         found = [(m.start(), m.end()) for m in pattern.finditer(reply.text)]
         if not found or not ids:
             continue
@@ -82,12 +83,12 @@ def main() -> int:
         inside = [any(a < e and b > s for s, e in found) for a, b in token_spans(engine.tokenizer, ids)]
         turn = {"turn_id": f"probe-{i}", "client_id": "probe", "messages": messages,
                 "prompt_ids": reply.prompt_ids, "token_ids": ids, "policy_version": 0}
-        for correction in pref.corrections:
-            hint = judge.judge(messages, reply.text, correction).hint
-            if not hint:
-                continue
+        judgments = judge.judge_batch([(messages, reply.text, c) for c in pref.corrections])
+        old = None  # the unhinted log-probs are the same for every correction: scored once per reply
+        for hint in (j.hint for j in judgments if j.hint):
             s = build_sample(turn, -1, hint, trainer.tokenizer)
-            old, _, _ = trainer._score([(s.prompt_ids, s.response_ids)])
+            if old is None:
+                old, _, _ = trainer._score([(s.prompt_ids, s.response_ids)])
             teacher, _, _ = trainer._score([(s.teacher_prompt_ids, s.response_ids)])
             d = (teacher - old).tolist()  # [len(ids)] the OPD term per reply token
             mu, sd = st.mean(d), st.pstdev(d) or 1.0

@@ -336,6 +336,5 @@ def test_a_plot_of_many_runs_gives_every_run_its_own_colour(tmp_path, monkeypatc
     curve = [{"turn": t, "score": 0.5, "all_pass": 0.2} for t in (0, 6)]
     for n in (3, 12):
         rep.plot_curves(tmp_path / "p.png", {f"run {i}": {"curve": curve} for i in range(n)}, title="t")
-        colours = [tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
-                   for line in drawn[-1].axes[1].get_lines()[:n]]
+        colours = [matplotlib.colors.to_hex(line.get_color()) for line in drawn[-1].axes[1].get_lines()[:n]]
         assert len(set(colours)) == n
