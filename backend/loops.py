@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from backend.delta import pack
+from backend.hindsight import hindsight_origin
 from backend.store import Store
 
 log = logging.getLogger("companion.backend")
@@ -118,6 +119,8 @@ def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
                **{k: report[k] for k in ("loss", "n_tokens", "seconds", "guard_s", "train_serve_gap") if k in report}}
     if report.get("n_replayed"):  # earlier praised replies trained on again (replay_praised)
         summary["n_replayed"] = report["n_replayed"]
+    if report.get("n_hindsight"):  # praised rewrites trained on the criticised attempt's prompt (w_hindsight)
+        summary["n_hindsight"] = report["n_hindsight"]
     for k in ("variety_base", "variety_after"):  # the variety guard's figures, when it ran
         if report.get(k) is not None:
             summary[k] = round(float(report[k]), 4)
@@ -244,6 +247,8 @@ class Pipeline:
                 if build is None:
                     build = self.stages.sample_builder()
                 sample = build(row["payload"], int(row["reward"]), row["hint"])
+                if sample is not None and int(row["reward"]) == 1:
+                    self._attach_hindsight(sample, row, build)
                 if sample is None:
                     self.store.set_stage([tid], "skipped")
                     self.store.bump(row["user"], "no_signal")
@@ -254,6 +259,21 @@ class Pipeline:
                     self._buf_lock.notify_all()
             finally:
                 self.busy["sample"] = False
+
+    def _attach_hindsight(self, sample: Any, row: dict, build: Callable) -> None:
+        """Give a praised rewrite the prompt of the criticised attempt it replaced (backend.hindsight);
+        the trainer uses it only with ``w_hindsight`` > 0. Samples without the field are left alone."""
+        payload = row["payload"]
+        if not hasattr(sample, "hindsight_prompt_ids") or not payload.get("session_id") \
+                or not isinstance(payload.get("index"), int) or payload["index"] < 1:
+            return
+        earlier = {r["idx"]: (r["payload"], r["reward"])
+                   for r in self.store.session_turns(row["user"], payload["session_id"], payload["index"])}
+        origin = hindsight_origin(payload, earlier)
+        if origin is not None:
+            first = build(origin, -1, None)  # only its prompt ids are used
+            if first is not None:
+                sample.hindsight_prompt_ids = list(first.prompt_ids)
 
     # -- training and publishing --------------------------------------------------------------
     def trainer_for(self, user: str) -> TrainerLike:

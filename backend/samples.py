@@ -53,13 +53,15 @@ class Sample:
     hint: str | None
     teacher_prompt_ids: list[int] | None
     policy_version: int
+    # For a praised rewrite: the prompt of the criticised attempt it replaced (backend.hindsight), else None.
+    hindsight_prompt_ids: list[int] | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Sample":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def hinted_messages(messages: list[dict], hint: str, template: str = HINT_TEMPLATE) -> list[dict]:

@@ -89,6 +89,12 @@ class Store:
         rows = self._q("SELECT * FROM turns WHERE turn_id = ?", [turn_id])
         return _decode(rows[0]) if rows else None
 
+    def session_turns(self, user: str, session_id: str, before_index: int) -> list[dict]:
+        """The user's turns of one session with an index below ``before_index``, oldest first."""
+        return [_decode(r) for r in self._q(
+            "SELECT * FROM turns WHERE user = ? AND session_id = ? AND idx < ? ORDER BY idx",
+            [user, session_id, int(before_index)])]
+
     def turns(self, user: str | None = None, stage: str | None = None) -> list[dict]:
         where, args = [], []
         if user is not None:

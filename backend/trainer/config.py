@@ -78,6 +78,12 @@ class TrainerConfig:
         "is for shorter replies, and a buffer of 16 held the first, longest ones (docs/replay.md, Session 7).",
         default=4)
     w_replay: float = _help("Advantage of every token of a replayed praised reply ('replay_praised').", default=0.5)
+    w_hindsight: float = _help(
+        "Hindsight pairs (0 = off): a praised reply that rewrote a criticised one in the same conversation is also "
+        "trained on the criticised attempt's prompt, with this fixed advantage on every token, in the same update "
+        "(backend/hindsight.py). The criticised reply (-1) and the praised rewrite (+1) then meet on one prompt: "
+        "the reply the person wanted, on the prompt they first asked. Never enters the reward baseline.",
+        default=0.0)
     loss_agg: str = _help(
         "How token losses are averaged: 'token' (every reply token of a minibatch weighs the same, so long "
         "replies dominate) or 'sample' (each reply's tokens are averaged first, then the replies: a short "
@@ -136,6 +142,7 @@ class TrainerConfig:
              "w_teacher_reply must be >= 0 and teacher_reply_tokens at least 1."),
             (self.replay_praised >= 0 and self.replay_buffer >= 1 and self.w_replay >= 0,
              "replay_praised must be >= 0, replay_buffer at least 1 and w_replay >= 0."),
+            (self.w_hindsight >= 0, "w_hindsight must be >= 0."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
             (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),
             (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),

@@ -29,6 +29,8 @@ A_t = w_teacher_reply (a :class:`TeacherReply`); it never enters the reward base
 ``replay_praised`` = k the batch also holds up to k earlier replies the judge rewarded +1 (newest
 ``replay_buffer`` kept, checkpointed; never one of the batch's own turns), each on its own prompt
 with A_t = w_replay (a :class:`ReplayedReply`: self-imitation); nor do they enter the baseline.
+With ``w_hindsight`` > 0 every judged +1 sample that carries ``hindsight_prompt_ids`` (a praised rewrite,
+backend/hindsight.py) is also trained on that prompt with A_t = w_hindsight (a :class:`HindsightReply`).
 """
 
 from __future__ import annotations
@@ -89,6 +91,12 @@ class TeacherReply(Sample):
 class ReplayedReply(TeacherReply):
     """An earlier reply the judge rewarded +1, replayed in a later update (``replay_praised``): the
     served prompt and reply ids as they were, every token with the fixed ``advantage`` (``w_replay``)."""
+
+
+@dataclass
+class HindsightReply(TeacherReply):
+    """A praised rewrite trained on the prompt of the criticised attempt it replaced (``w_hindsight``):
+    ``prompt_ids`` is that earlier prompt, ``response_ids`` the praised reply's served ids."""
 
 
 class Trainer:
@@ -474,6 +482,16 @@ class Trainer:
                               teacher_prompt_ids=None, policy_version=p["policy_version"], advantage=cfg.w_replay)
                 for p in picked]
 
+    def hindsight_samples(self, samples: list[Sample]) -> list[HindsightReply]:
+        """For each praised sample of ``samples`` with a hindsight prompt, the same reply on that prompt."""
+        if self.cfg.w_hindsight <= 0:
+            return []
+        return [HindsightReply(turn_id=s.turn_id, user=s.user, prompt_ids=list(s.hindsight_prompt_ids),
+                               response_ids=list(s.response_ids), rollout_logprobs=None, reward=0, hint=None,
+                               teacher_prompt_ids=None, policy_version=s.policy_version,
+                               advantage=self.cfg.w_hindsight)
+                for s in samples if s.reward == 1 and getattr(s, "hindsight_prompt_ids", None)]
+
     def _remember_praised(self, samples: list[Sample]) -> None:
         """Keep the judged replies the judge rewarded +1 for later replay (newest ``replay_buffer``).
         ``samples`` are the batch's judged samples only: teacher-written and replayed ones come after them."""
@@ -501,7 +519,8 @@ class Trainer:
         teacher_reply_s = time.perf_counter() - t_teach
         judged = samples[:n_judged]
         replayed = self.replay_samples(judged)
-        samples = samples + replayed
+        hindsight = self.hindsight_samples(judged)
+        samples = samples + replayed + hindsight
         pairs = [(s.prompt_ids, s.response_ids) for s in samples]
         hinted = [i for i, s in enumerate(samples) if s.teacher_prompt_ids is not None]
         use_opd = bool(hinted) and cfg.w_opd > 0
@@ -628,7 +647,8 @@ class Trainer:
             version=self.version, base_version=self.version, accepted=True, reason="",
             loss=sum(losses) / len(losses), loss_first=losses[0], loss_last=losses[-1],
             n_samples=n_judged, n_tokens=n_tok, n_hinted=len(hinted),
-            n_teacher_replies=len(samples) - n_judged - len(replayed), n_replayed=len(replayed),
+            n_teacher_replies=len(samples) - n_judged - len(replayed) - len(hindsight), n_replayed=len(replayed),
+            n_hindsight=len(hindsight),
             teacher_reply_s=teacher_reply_s,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
