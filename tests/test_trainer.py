@@ -209,6 +209,21 @@ def test_full_mode_delta_in_hf_reproduces_megatron_logits(tiny_model_dir):
     assert float((got - ref).abs().max()) < 1e-4
 
 
+def test_full_mode_trains_with_the_default_kl_anchor_and_base_teacher(tiny_model_dir):
+    # Full mode swaps the base weights in place for the KL reference and the base teacher; the
+    # first minibatch's forward (built before the swap) must not be backpropagated through
+    # (it raised "modified by an inplace operation" before Session 16's fix).
+    for extra in (dict(kl_coef=0.2), dict(kl_coef=0.2, teacher="base", guard_variety_drop=0.1)):
+        tr = Trainer(cfg(mode="full", lr=1e-3, **extra), model_path=tiny_model_dir)
+        samples = fixed_samples(tr.tokenizer)
+        before = tr.score(samples)
+        rep = tr.update(samples)
+        assert rep["kl"] is not None and tr.version == 1
+        assert tr.score(samples) != before  # the update reached the weights
+        # and the swaps restored the trained weights, not the base ones
+        assert any(float((p - tr._base_state[n]).abs().max()) > 0 for n, p in tr.trainable.items())
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
     c = TrainerConfig(lr=3e-3, lora_rank=4, guard_tokens=6)  # defaults: KL, entropy floor, guard, 2 epochs
     a = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path / "a")

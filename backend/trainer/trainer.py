@@ -125,6 +125,7 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_id = self.tokenizer.eos_token_id
         self._base_state: dict[str, torch.Tensor] | None = None
+        self._weight_swaps = 0  # full mode: how many times the base weights were swapped in (_base_ctx)
         if cfg.mode == "lora":
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -196,6 +197,9 @@ class Trainer:
 
         class _Swap:
             def __enter__(self):
+                # The copies below are in place: they invalidate any autograd graph built on the
+                # weights before, so update() counts swaps and never backpropagates through one.
+                trainer._weight_swaps += 1
                 self.saved = {n: p.detach().clone() for n, p in trainer.trainable.items()}
                 with torch.no_grad():
                     for n, p in trainer.trainable.items():
@@ -531,6 +535,7 @@ class Trainer:
         mb = cfg.minibatch_size
         first_logits, first_tgt = self._reply_logits(pairs[:mb])
         first_lp, first_ent = L.token_logp(first_logits, first_tgt, with_entropy=True)
+        swaps_at_first = self._weight_swaps  # a later base swap (full mode) voids this forward's graph
         old_lp = first_lp[0].detach()
         if len(pairs) > mb:
             old_lp = torch.cat([old_lp, self._score(pairs[mb:])[0]])
@@ -612,10 +617,12 @@ class Trainer:
             for a in range(0, len(samples), mb):
                 s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
                 need_ent = cfg.entropy_floor > 0 and cfg.entropy_coef > 0
-                if _epoch == 0 and a == 0:  # the forward already run for the old log-probs
+                if _epoch == 0 and a == 0 and self._weight_swaps == swaps_at_first:
+                    # the forward already run for the old log-probs, on unchanged weights
                     logits, tgt, lp, ent = first_logits, first_tgt, first_lp, first_ent
                     first_logits = first_lp = first_ent = None
                 else:
+                    first_logits = first_lp = first_ent = None  # a stale graph, if any: free it
                     logits, tgt = self._reply_logits(pairs[a : a + mb])
                     lp, ent = L.token_logp(logits, tgt, with_entropy=True)  # entropy is also reported
                 lp, ent = lp[0], ent[0]  # [n]
