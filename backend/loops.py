@@ -142,6 +142,10 @@ class Pipeline:
         self._trainers: dict[str, TrainerLike] = {}
         self._latest: dict[str, tuple[dict, bytes]] = {}
         self.last_update_at: dict[str, float] = {}
+        # Updates that failed in a row, per user, and the last failure's one-line message: a failure
+        # that repeats (a bug, not a passing fault) is shown to the person and stops a replay early.
+        self.train_failures: dict[str, int] = {}
+        self.train_error: dict[str, str] = {}
         self.busy: dict[str, bool] = {"judge": False, "sample": False, "train": False}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -334,13 +338,18 @@ class Pipeline:
         self.store.set_stage(ids, "training", train_version=target)
         try:
             report = tr.update(fresh)  # checkpoints the new version before returning
-        except Exception:
+        except Exception as exc:
+            self.train_failures[user] = self.train_failures.get(user, 0) + 1
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            self.train_error[user] = f"{type(exc).__name__}: {first_line}"[:200]
             # Nothing was checkpointed: the samples go back to be rebuilt and retried.
             self.store.set_stage(ids, "judged")
             self.store._x(f"UPDATE turns SET train_version = NULL WHERE turn_id IN ({','.join('?' * len(ids))})", ids)
             for tid in ids:
                 self.sample_q.put(tid)
             raise
+        self.train_failures.pop(user, None)
+        self.train_error.pop(user, None)
         self.store.set_stage(ids, "trained", train_version=int(tr.version))
         self.store.bump(user, "updates")
         self.store.bump(user, "trained_samples", len(ids))
@@ -405,6 +414,8 @@ class Pipeline:
             "policy_versions": {u: int(self._trainers[u].version) if u in self._trainers
                                 else int((self.latest_delta(u) or ({"version": 0},))[0]["version"]) for u in users},
             "last_update_at": mine(self.last_update_at),
+            "train_failures": mine(self.train_failures),  # updates failed in a row (0 after a success)
+            "train_error": mine(self.train_error),  # the last failure's type and first line
             "stages": self.store.stage_counts(user),
             "counters": self.store.counters(user),
         }

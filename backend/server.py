@@ -10,7 +10,8 @@ message it:
 - ``turn``: stores it (:class:`backend.store.Store`) *before* acking; a turn id seen
   before is acked as ``duplicate`` and not processed again; new turns go to the
   pipeline (:mod:`backend.loops`: judging -> samples -> training -> publishing);
-- ``status``: replies queue depths, policy versions, last update times, counters;
+- ``status``: replies queue depths, policy versions, last update times, counters, and
+  updates failed in a row with the last failure's first line (``train_failures``, ``train_error``);
 - ``ping``: ``pong``; ``judgment-ack`` / ``delta-ack``: bookkeeping.
 
 Judgments and deltas produced by the pipeline threads reach the socket thread through

@@ -106,3 +106,4 @@ def test_the_trainer_trains_a_praised_rewrite_on_the_first_prompt_only_when_aske
     assert tr.hindsight_samples([criticised]) == []
     with pytest.raises(Exception, match="w_hindsight"):
         TrainerConfig(w_hindsight=-1)
+

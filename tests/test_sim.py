@@ -321,6 +321,32 @@ def test_sync_waits_for_a_trained_version_still_on_its_way(monkeypatch):
     assert engine.version == 1 and waited >= 6.0 and learner.pending_samples == 0
 
 
+def test_sync_stops_with_the_backends_error_when_updates_keep_failing(tmp_path):
+    # A failure that repeats (a trainer bug) will not pass by waiting: the replay stops with the
+    # backend's error instead of waiting out wait_timeout_s (600 s by default).
+    import threading
+    import time
+    import types
+
+    from companion.errors import UserError
+    from companion.sim.replay import SystemLearner
+
+    learner = SystemLearner.__new__(SystemLearner)
+    learner.cfg, learner.engine = ReplayConfig(wait_timeout_s=300), types.SimpleNamespace(version=0)
+    learner._cv, learner.pending_samples, learner.train_seconds = threading.Condition(), 4, []
+    learner._log_file = tmp_path / "backend.log"
+    learner.backend = types.SimpleNamespace(proc=types.SimpleNamespace(poll=lambda: None))
+    status = {"busy": {"train": True}, "train_buffers": {}, "queues": {"judge": 0, "sample": 1, "train": 0},
+              "policy_versions": {"replay-user": 0}, "train_failures": {"replay-user": 2},
+              "train_error": {"replay-user": "RuntimeError: inplace"}}
+    learner.link = types.SimpleNamespace(request_status=lambda timeout: status)
+    threading.Timer(2.0, lambda: status["train_failures"].update({"replay-user": 3})).start()
+    t0 = time.time()
+    with pytest.raises(UserError, match=r"failed 3 times in a row \(RuntimeError: inplace\); see .*backend.log"):
+        learner._wait_for_update()
+    assert time.time() - t0 < 10
+
+
 def test_a_plot_of_many_runs_gives_every_run_its_own_colour(tmp_path, monkeypatch):
     # matplotlib's default cycle repeats after ten colours: Session 15's twelve-run comparison drew
     # two runs in one colour. Over ten runs plot_curves takes tab20.

@@ -55,6 +55,20 @@ def test_status_events_fold_into_the_snapshot():
     assert apply_event(s, {"kind": "from-the-future"}) is None
 
 
+def test_updates_that_keep_failing_give_one_notice_and_a_mark_until_a_version_lands():
+    s = LearningStatus()
+    err = {"kind": "training", "running": False, "error": "RuntimeError: modified by an inplace operation"}
+    assert apply_event(s, {**err, "failures": 1}) is None and s.train_error is None  # one can pass: retried
+    notice = apply_event(s, {**err, "failures": 2})
+    assert notice.startswith("Learning is failing") and "inplace operation" in notice
+    assert s.train_error == "RuntimeError: modified by an inplace operation"
+    assert apply_event(s, {**err, "failures": 3}) is None  # told once, not every poll
+    assert apply_event(s, {"kind": "training", "running": True}) is None and s.train_error is None  # older backends
+    apply_event(s, {**err, "failures": 2})
+    apply_event(s, {"kind": "version", "version": 1})
+    assert s.train_error is None  # an update landed
+
+
 def test_status_feed_is_safe_across_threads():
     feed = StatusFeed()
     threads = [threading.Thread(target=lambda k=k: [feed.put({"kind": "n", "v": k * 100 + i}) for i in range(100)])

@@ -61,6 +61,7 @@ METHODS = ("combined", "binary", "opd", "none", "memory")
 # kept 0.05, 1.0 and 0.7; Session 11 moved the product to the replay's measured settings
 # (docs/replay.md, Sessions 3, 10 and 11). Evaluation is always greedy.
 REPLAY_TEMPERATURE = CHAT_TEMPERATURE
+TRAIN_FAILURES_TO_STOP = 3  # the backend retries a failed update; three in a row stop the replay with its error
 MEMORY_HEADER = "\n\nWhat this user told you before (follow it):"
 
 
@@ -232,6 +233,7 @@ class SystemLearner:
         sock_dir = Path(f"/tmp/companion-replay-{uuid.uuid4().hex[:8]}")
         sock_dir.mkdir(mode=0o700)
         self._sock_dir = sock_dir
+        self._log_file = run_dir / "backend.log"
         # `companion backend` as a child (state in <run_dir>/backend), full batches only so a
         # seeded replay trains on the same turns every time.
         settings = load_settings(model=model, data_dir=run_dir)
@@ -240,7 +242,7 @@ class SystemLearner:
             extra_args=["--method", cfg.method, "--batch-size", str(cfg.batch_size), "--judge", cfg.judge,
                         "--judge-m", str(cfg.judge_m), "--trainer-json", json.dumps(cfg.trainer_overrides or {}),
                         "--train-after", "0", "--verbose"],  # --verbose: backend.log gets a line per version
-            endpoint=f"ipc://{sock_dir}/backend.sock", log_file=run_dir / "backend.log", ready_timeout=180.0,
+            endpoint=f"ipc://{sock_dir}/backend.sock", log_file=self._log_file, ready_timeout=180.0,
             threads=cfg.backend_threads)
         self.journal = Journal(run_dir / "companion.db", client_id=f"replay-{cfg.method}-{cfg.seed}")
         self.link = Link(self.journal, self.backend.endpoint, engine=engine)
@@ -322,6 +324,11 @@ class SystemLearner:
             # applied, and serve the next turn with the old version (8 of 55 student replays of
             # sessions 1-7 did, at one or two updates; docs/replay.md, Session 8).
             trained = max((pipe.get("policy_versions") or {}).values(), default=0)  # one user per replay backend
+            failures = max((pipe.get("train_failures") or {}).values(), default=0)
+            if failures >= TRAIN_FAILURES_TO_STOP:  # a failure that repeats will not pass by waiting
+                error = next(iter((pipe.get("train_error") or {}).values()), "unknown error")
+                raise UserError(f"the backend's update failed {failures} times in a row ({error}); "
+                                f"see {self._log_file}.")
             if st and not busy and queued == 0 and trained <= self.engine.version and time.perf_counter() - t0 > 5:
                 break  # nothing left to train (e.g. the batch was dropped as stale)
         else:

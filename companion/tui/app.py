@@ -93,7 +93,10 @@ class CompanionApp(App):
                 chat.show_judgment(self.status.judgment["turn_id"], self.status.judgment)
             if notice:
                 self.notices.append(notice)
-                self.notify(notice, title="New policy version", timeout=6)
+                if event.get("kind") == "training":  # the only notice a training event gives: updates failing
+                    self.notify(notice, title="Learning", severity="error", timeout=12)
+                else:
+                    self.notify(notice, title="New policy version", timeout=6)
         if chat is not None:
             chat.show_status()
         # Judgments and versions change what history and preferences show: refresh the one in view.

@@ -90,7 +90,12 @@ class LearningHandle:
                 waited = 0.0
                 stats = self.link.request_status(timeout=self.status_every_s) or {}
                 busy = stats.get("busy") or {}
-                self.feed.put({"kind": "training", "running": bool(busy.get("train"))})
+                failures = stats.get("train_failures") or {}
+                errors = stats.get("train_error") or {}
+                worst = max(failures, key=failures.get, default=None)  # a local backend has one user
+                self.feed.put({"kind": "training", "running": bool(busy.get("train")),
+                               "failures": int(failures.get(worst, 0)) if worst else 0,
+                               "error": errors.get(worst) if worst else None})
 
     def _on_judgment(self, data: dict) -> None:
         self.feed.put({"kind": "judgment", **data})

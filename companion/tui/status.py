@@ -13,7 +13,7 @@ Contract:
 Event shapes (dicts, ``kind`` first):
   {"kind": "link", "state": "connected"|"reconnecting"|"offline"|"disabled", "queued": int}
   {"kind": "judgment", "turn_id", "reward": -1|0|1, "votes": [..], "hint": str|None}
-  {"kind": "training", "running": bool}
+  {"kind": "training", "running": bool, "failures": int (updates failed in a row), "error": str|None}
   {"kind": "version", "version": int, "learned_from": {"n_samples": int, "hints": [str], ...}}
 """
 
@@ -23,6 +23,7 @@ import queue
 from dataclasses import dataclass, field
 
 LINK_STATES = ("connected", "reconnecting", "offline", "disabled", "starting")
+FAILURES_TO_SHOW = 2  # one failed update can be a passing fault the backend retries; two in a row are shown
 
 
 @dataclass
@@ -33,6 +34,7 @@ class LearningStatus:
     updating: bool = False
     judgment: dict | None = None  # last judgment received: turn_id, reward, votes, hint
     notice: str | None = None  # last "new version" notice
+    train_error: str | None = None  # set while updates keep failing (FAILURES_TO_SHOW in a row)
     judged: dict = field(default_factory=dict)  # turn_id -> judgment, for the message list badges
 
     def link_text(self) -> str:
@@ -93,12 +95,18 @@ def apply_event(status: LearningStatus, event: dict) -> str | None:
             status.judged[j["turn_id"]] = j
     elif kind == "training":
         status.updating = bool(event.get("running"))
+        failing = int(event.get("failures") or 0) >= FAILURES_TO_SHOW
+        error = shorten(event.get("error") or "unknown error", 100) if failing else None
+        was, status.train_error = status.train_error, error
+        if error and not was:
+            return f"Learning is failing: updates keep failing ({error}). Chat goes on; see the backend log."
     elif kind == "version":
         version = int(event.get("version", status.version))
         if version <= status.version:
             return None
         status.version = version
         status.updating = False
+        status.train_error = None
         status.notice = version_notice(version, event.get("learned_from"))
         return status.notice
     return None

@@ -21,7 +21,9 @@ class StatusPanel(Static):
         t.append(status.link_text())
         t.append("  │  ")
         t.append(f"policy v{status.version}", style="bold")
-        if status.updating:
+        if status.train_error:
+            t.append("  (learning failing)", style="bold red")
+        elif status.updating:
             t.append("  (updating…)", style="yellow")
         t.append("  │  ")
         j = status.judgment

@@ -1,0 +1,48 @@
+"""The backend's train stage when updates fail: counted in a row, reported in status, cleared by a success."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backend.delta import Delta
+from backend.loops import Pipeline, PipelineConfig
+from backend.samples import Sample
+from backend.store import Store
+
+
+def test_updates_that_keep_failing_are_counted_and_shown_until_one_succeeds(tmp_path):
+    # A failed update is retried; the backend reports how many failed in a row and the last error,
+    # which the chat shows and which stops a replay early (it used to wait out its 600 s timeout).
+    store = Store(tmp_path / "backend.db")
+    store.add_turn("u", {"turn_id": "t0", "client_id": "u", "session_id": "s1", "index": 0, "prompt_ids": [1, 2],
+                         "messages": [{"role": "user", "content": "hi"}], "reply": "yo", "next_message": "meh"})
+    store.set_judgment("t0", -1, [-1, -1, -1], None, "test", 0.0)
+    stages = type("Stages", (), {"fingerprint": None})()
+    pipe = Pipeline(store, stages=stages, cfg=PipelineConfig(), data_dir=tmp_path, publish=lambda *a: None)
+    sample = Sample("t0", "u", [1, 2], [3], None, -1, None, None, 0)
+
+    class Trainer:
+        version, fail = 0, True
+
+        def update(self, samples):
+            if self.fail:
+                raise RuntimeError("one of the variables needed for gradient computation\nwas modified")
+            self.version += 1
+            return {"loss": 0.1}
+
+        def export_delta(self):
+            return Delta(self.version, self.version - 1, "full", {"w": torch.zeros(2)}, {})
+
+    tr = pipe._trainers["u"] = Trainer()
+    for n in (1, 2):
+        with pytest.raises(RuntimeError):
+            pipe._train("u", [sample])
+        st = pipe.stats()
+        assert st["train_failures"] == {"u": n}
+        assert st["train_error"] == {"u": "RuntimeError: one of the variables needed for gradient computation"}
+    assert store.get_turn("t0")["stage"] == "judged"  # back to be rebuilt and retried
+    tr.fail = False
+    pipe._train("u", [sample])
+    st = pipe.stats()
+    assert st["train_failures"] == {} and st["train_error"] == {} and st["policy_versions"]["u"] == 1
