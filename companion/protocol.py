@@ -46,7 +46,10 @@ from typing import Any, Callable
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TURN_BYTES = 2 * 1024 * 1024
-MAX_DELTA_BYTES = 256 * 1024 * 1024
+# 1 GiB: a full-weight delta of SmolLM2-135M in fp32 is 538 MB (the 256 MiB of Sessions 1-15 refused
+# it, so mode 'full' never reached the engine); the trainer refuses full mode up front for a model
+# whose delta would not fit (backend.trainer.Trainer).
+MAX_DELTA_BYTES = 1024 * 1024 * 1024
 # A ZeroMQ-level guard (bigger than any legal message) so a hostile peer cannot make the
 # backend buffer gigabytes; legal-but-oversize messages still get an application error reply.
 ZMQ_MAXMSGSIZE = MAX_TURN_BYTES * 4

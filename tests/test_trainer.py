@@ -224,6 +224,15 @@ def test_full_mode_trains_with_the_default_kl_anchor_and_base_teacher(tiny_model
         assert any(float((p - tr._base_state[n]).abs().max()) > 0 for n, p in tr.trainable.items())
 
 
+def test_full_mode_refuses_a_model_whose_delta_the_link_would_refuse(tiny_model_dir, monkeypatch):
+    import companion.protocol as P
+
+    monkeypatch.setattr(P, "MAX_DELTA_BYTES", 1024)
+    with pytest.raises(UserError, match="mode 'full' would ship .* above the link's cap"):
+        Trainer(cfg(mode="full"), model_path=tiny_model_dir)
+    Trainer(cfg(), model_path=tiny_model_dir)  # LoRA ships only the adapters
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
     c = TrainerConfig(lr=3e-3, lora_rank=4, guard_tokens=6)  # defaults: KL, entropy floor, guard, 2 epochs
     a = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path / "a")

@@ -133,6 +133,7 @@ class Trainer:
             self.trainable = lora_parameters(self.model)
         else:
             self.trainable = {n: p for n, p in self.model.named_parameters()}
+            self._check_full_delta_fits()
             if cfg.kl_coef > 0 or cfg.teacher == "base" or cfg.guard_variety_drop > 0:
                 # A frozen copy of the base weights, swapped in for base-policy passes.
                 self._base_state = {n: p.detach().clone() for n, p in self.trainable.items()}
@@ -155,6 +156,17 @@ class Trainer:
             self._resume()
 
     # ---- forward passes ---------------------------------------------------------------------
+
+    def _check_full_delta_fits(self) -> None:
+        """A full-mode delta is every weight in fp32 (absolute, so bf16 rounding would erase small
+        updates); refuse at start a model whose delta the link would refuse at every update."""
+        from companion.errors import UserError
+        from companion.protocol import MAX_DELTA_BYTES
+
+        n_bytes = sum(p.numel() for p in self.trainable.values()) * 4 * self.tp  # [TP-sharded -> whole]
+        if n_bytes > MAX_DELTA_BYTES:
+            raise UserError(f"mode 'full' would ship {n_bytes / 2**20:.0f} MiB per update, above the link's cap of "
+                            f"{MAX_DELTA_BYTES / 2**20:.0f} MiB; use mode 'lora' for this model.")
 
     def _fp32_output_layer(self) -> None:
         """Run the vocabulary projection in fp32 even under bf16 autocast: the 49k-way
