@@ -1,0 +1,60 @@
+"""scripts/paired_seeds.py: runs are paired by seed, the paired statistics are right, and user
+mistakes get a clear message instead of a traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts/paired_seeds.py"
+
+
+def _runs(tmp_path, name, figures):
+    out = []
+    for seed, value in figures.items():
+        d = tmp_path / f"{name}-{seed}"
+        d.mkdir()
+        (d / "report.json").write_text(json.dumps({"seed": seed, "final_all_pass": value, "final_score": 0.5}))
+        out.append(str(d))
+    return out
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_pairs_by_seed_and_reports_the_paired_difference(tmp_path):
+    base = _runs(tmp_path, "a", {0: 0.5, 1: 0.6, 2: 0.7, 9: 0.1})
+    lever = _runs(tmp_path, "b", {2: 0.8, 0: 0.5, 1: 0.8, 5: 1.0})  # another order; 5 and 9 unpaired
+    out = _run("--base", *base, "--lever", *lever)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["n"] == 3 and res["seeds"] == [0, 1, 2]
+    assert abs(res["base_mean"] - 0.6) < 1e-4 and abs(res["lever_mean"] - 0.7) < 1e-4
+    assert abs(res["mean_diff"] - 0.1) < 1e-4  # diffs 0, 0.2, 0.1
+    assert abs(res["sd_diff"] - 0.1) < 1e-4 and abs(res["se"] - 0.0577) < 1e-4
+    assert (res["higher"], res["equal"], res["lower"]) == (2, 1, 0)
+    assert "left out, in one group only: seeds 5, 9" in out.stdout
+    assert "inside two standard errors" in out.stdout  # 0.1 < 2 x 0.058
+
+
+def test_a_clear_difference_is_reported_outside_two_standard_errors(tmp_path):
+    base = _runs(tmp_path, "a", {0: 0.2, 1: 0.3, 2: 0.25})
+    lever = _runs(tmp_path, "b", {0: 0.8, 1: 0.85, 2: 0.9})
+    out = _run("--base", *base, "--lever", *lever, "--key", "final_all_pass")
+    assert out.returncode == 0 and "outside two standard errors" in out.stdout
+
+
+def test_user_mistakes_are_clear_errors(tmp_path):
+    a = _runs(tmp_path, "a", {0: 0.5})
+    b = _runs(tmp_path, "b", {1: 0.5})
+    cases = [
+        (["--base", *a, "--lever", *b], "no seed is in both groups"),
+        (["--base", *a, "--lever", str(tmp_path / "missing")], "has no report.json"),
+        (["--base", *a, "--lever", *a, *a], "two --lever runs have seed 0"),
+        (["--base", *a, "--lever", *a, "--key", "nothing"], "has no number under 'nothing'"),
+    ]
+    for args, message in cases:
+        out = _run(*args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
