@@ -64,7 +64,7 @@ class TrainerLike(Protocol):
 
 @dataclass
 class Stages:
-    """Factories for the pluggable stages (each called once, in the thread that uses it)."""
+    """Factories for the pluggable stages (each called once in each thread that uses it)."""
 
     judge: Callable[[], JudgeLike]
     sample_builder: Callable[[], Callable[[dict, int, str | None], Any]]
@@ -149,6 +149,7 @@ class Pipeline:
         self.busy: dict[str, bool] = {"judge": False, "sample": False, "train": False}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._memory_build: Callable | None = None  # sample builder for hint_memory, made on first use
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -333,6 +334,9 @@ class Pipeline:
             self.store.bump(user, "dropped_stale", len(stale))
         if not fresh:
             return
+        memory = int(getattr(getattr(tr, "cfg", None), "hint_memory", 0) or 0)
+        if memory > 0:
+            self._apply_hint_memory(user, fresh, memory, only_hinted=getattr(tr.cfg, "hint_memory_scope", "hinted") != "all")
         ids = [s.turn_id for s in fresh]
         target = int(tr.version) + 1
         self.store.set_stage(ids, "training", train_version=target)
@@ -355,6 +359,33 @@ class Pipeline:
         self.store.bump(user, "trained_samples", len(ids))
         rep = dict(report) if not isinstance(report, dict) else report
         self._publish_delta(user, tr, rep, ids)
+
+    def _apply_hint_memory(self, user: str, samples: list[Any], n: int, only_hinted: bool = True) -> None:
+        """``TrainerConfig.hint_memory``: the OPD teacher of each sample (with ``only_hinted``, each
+        sample with a hint of its own) sees the user's newest ``n`` distinct hints, joined oldest
+        first, instead of only the hint of its own turn.
+
+        Why here and not in the sample stage: the hints judged since a sample was built (the rest of
+        its batch) belong in its teacher's prompt too, and the store holding them is the backend's.
+        The joined hint replaces ``hint`` and ``teacher_prompt_ids`` (rebuilt from the stored turn
+        with the same builder); the policy's prompt and reply ids are untouched."""
+        hints = self.store.recent_hints(user, n)
+        if not hints:
+            return
+        joined = " ".join(hints)
+        if self._memory_build is None:
+            self._memory_build = self.stages.sample_builder()
+        for s in samples:
+            if not hasattr(s, "teacher_prompt_ids"):
+                continue  # a sample type without an OPD teacher
+            if only_hinted and not getattr(s, "hint", None):
+                continue
+            row = self.store.get_turn(s.turn_id)
+            if not row:
+                continue
+            rebuilt = self._memory_build(row["payload"], int(s.reward), joined)
+            if rebuilt is not None and getattr(rebuilt, "teacher_prompt_ids", None):
+                s.hint, s.teacher_prompt_ids = joined, list(rebuilt.teacher_prompt_ids)
 
     def _publish_delta(self, user: str, tr: TrainerLike, report: dict, turn_ids: list[str]) -> None:
         delta = tr.export_delta()

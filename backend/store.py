@@ -123,6 +123,20 @@ class Store:
         self._x("UPDATE turns SET stage = 'judged', reward = ?, votes = ?, hint = ?, judge_name = ?, judged_at = ? "
                 "WHERE turn_id = ?", [int(reward), json.dumps(list(votes)), hint, judge_name, judged_at, turn_id])
 
+    def recent_hints(self, user: str, n: int) -> list[str]:
+        """The user's newest ``n`` distinct hints (case and surrounding space ignored), oldest first."""
+        out: list[str] = []
+        seen: set[str] = set()
+        for r in self._q("SELECT hint FROM turns WHERE user = ? AND hint IS NOT NULL AND judged_at IS NOT NULL "
+                         "ORDER BY judged_at DESC, rowid DESC", [user]):
+            key = " ".join(str(r["hint"]).split()).lower()
+            if key and key not in seen:
+                seen.add(key)
+                out.append(str(r["hint"]).strip())
+                if len(out) >= n:
+                    break
+        return out[::-1]
+
     def mark_judgment_delivered(self, user: str, turn_id: str) -> None:
         self._x("UPDATE turns SET judgment_delivered = 1 WHERE turn_id = ? AND user = ?", [turn_id, user])
 

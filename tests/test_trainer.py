@@ -455,7 +455,7 @@ def test_greedy_probe_and_repetition_metric(tiny_model_dir):
 
 
 def test_config_and_export_errors(tiny_model_dir):
-    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(w_teacher_reply=-1), dict(teacher_replies="yes"), dict(replay_praised=-1), dict(replay_buffer=0), dict(w_replay=-0.5)):
+    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(hint_memory=-1), dict(hint_memory_scope="some"), dict(w_teacher_reply=-1), dict(teacher_replies="yes"), dict(replay_praised=-1), dict(replay_buffer=0), dict(w_replay=-0.5)):
         with pytest.raises(UserError):
             TrainerConfig(**bad)
     assert TrainerConfig().learning_rate == 3e-4 and TrainerConfig(mode="full").learning_rate == 1e-5

@@ -84,6 +84,19 @@ class TrainerConfig:
         "(backend/hindsight.py). The criticised reply (-1) and the praised rewrite (+1) then meet on one prompt: "
         "the reply the person wanted, on the prompt they first asked. Never enters the reward baseline.",
         default=0.0)
+    hint_memory: int = _help(
+        "Hint memory of the OPD teacher (0 = off): the teacher of every judged sample of an update sees the "
+        "user's newest N distinct hints (the judge's, oldest first), not only the hint of that turn "
+        "('hint_memory_scope' says which samples). Without it a "
+        "correction about length says nothing about filler words, and the later updates trade one preference "
+        "against the other (docs/replay.md, Session 16, section 5). The hints only ever reach the teacher's "
+        "prompt, never the policy's: the policy learns them through its weights. Applied by the backend "
+        "(backend/loops.py), which keeps the hints.",
+        default=0)
+    hint_memory_scope: str = _help(
+        "Which samples 'hint_memory' gives the remembered hints: 'hinted' (only those with a hint of their own: "
+        "the OPD term keeps its samples and gains the earlier corrections) or 'all' (a praised reply or a vague "
+        "complaint gets the OPD term too).", default="hinted")
     loss_agg: str = _help(
         "How token losses are averaged: 'token' (every reply token of a minibatch weighs the same, so long "
         "replies dominate) or 'sample' (each reply's tokens are averaged first, then the replies: a short "
@@ -143,6 +156,8 @@ class TrainerConfig:
             (self.replay_praised >= 0 and self.replay_buffer >= 1 and self.w_replay >= 0,
              "replay_praised must be >= 0, replay_buffer at least 1 and w_replay >= 0."),
             (self.w_hindsight >= 0, "w_hindsight must be >= 0."),
+            (self.hint_memory >= 0, "hint_memory must be 0 (off) or positive."),
+            (self.hint_memory_scope in ("hinted", "all"), "hint_memory_scope must be 'hinted' or 'all'."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
             (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),
             (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),
