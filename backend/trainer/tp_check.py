@@ -67,6 +67,22 @@ def main() -> None:
     if tr.rank == 0:
         torch.save({"logits_before": before, "loss": report.loss, "logits_after": after,
                     "delta": delta.tensors if args.mode == "lora" else {}}, args.out)
+    shutdown_parallel()
+
+
+def shutdown_parallel() -> None:
+    """Leave the process groups before the interpreter exits.
+
+    Exiting with gloo groups still alive let a rank die in teardown ("terminate called without an
+    active exception", SIGABRT) once in a few CI runs, after its work was done: the ranks wait for
+    each other, then megatron's groups and the default group are destroyed in order."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if dist.is_initialized():
+        dist.barrier()
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
