@@ -66,9 +66,11 @@ def default_stages(model_path: Path, fingerprint: str = "", judge_name: str = "e
         return lambda turn, reward, hint: samples.build_sample(turn, reward, hint, tok, cfg)
 
     def trainer(user: str, checkpoint_dir: Path):
-        from backend.trainer import Trainer, TrainerConfig
+        from backend.trainer import Trainer
+        from backend.trainer.config import config_from_overrides
 
-        return Trainer(TrainerConfig(**(trainer_overrides or {})), model_path=model_path, checkpoint_dir=checkpoint_dir)
+        return Trainer(config_from_overrides(trainer_overrides or {}), model_path=model_path,
+                       checkpoint_dir=checkpoint_dir)
 
     return Stages(judge=judge, sample_builder=sample_builder, trainer=trainer, fingerprint=fingerprint)
 

@@ -83,5 +83,16 @@ def test_backend_rejects_bad_trainer_overrides_in_one_sentence(tmp_path: Path):
     res = run_cli("backend", "--bind", f"ipc://{tmp_path}/b.sock", "--trainer-json", "{lr: 3}")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith("companion: error: --trainer-json is not valid JSON")
+    res = run_cli("backend", "--bind", f"ipc://{tmp_path}/b.sock", "--trainer-json", '{"hint_memroy": 2}')
+    assert res.returncode == 2 and res.stderr.strip() == \
+        "companion: error: unknown trainer setting 'hint_memroy' (did you mean 'hint_memory'?)."
     res = run_cli("backend", "--bind", f"ipc://{tmp_path}/b.sock", "--method", "telepathy")
     assert res.returncode == 2 and "invalid choice: 'telepathy'" in res.stderr
+
+
+def test_simulate_rejects_a_bad_trainer_setting_before_it_starts(tmp_path: Path):
+    res = run_cli("simulate", "--persona", "student", "--turns", "1", "--out", str(tmp_path),
+                  "--trainer", '{"epochs": 2.5}')
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == "companion: error: trainer setting 'epochs' must be a whole number, not 2.5."
+    assert not any(tmp_path.iterdir())  # no run folder was made

@@ -454,6 +454,28 @@ def test_greedy_probe_and_repetition_metric(tiny_model_dir):
     assert tr.greedy_cached([p1, p2], 8) == tr.greedy([p1, p2], 8)
 
 
+def test_json_overrides_are_checked_up_front_in_one_sentence():
+    from backend.trainer.config import TrainerConfigError, config_from_overrides
+
+    cfg_ = config_from_overrides({"lr": 5e-4, "epochs": 3, "lora_targets": ["qkv", "proj"], "opd_center": True,
+                                  "w_opd": 1, "hint_memory": 4})
+    assert cfg_.lr == 5e-4 and cfg_.epochs == 3 and cfg_.lora_targets == ("qkv", "proj") and cfg_.opd_center
+    assert isinstance(cfg_.w_opd, float) and cfg_.hint_memory == 4
+    assert config_from_overrides({"lr": None}).learning_rate == 3e-4
+    for bad, message in (({"hint_memroy": 2}, "unknown trainer setting 'hint_memroy' (did you mean 'hint_memory'?)."),
+                         ({"zzz": 1}, "unknown trainer setting 'zzz'."),
+                         ({"lr": "fast"}, "trainer setting 'lr' must be a number or null, not \"fast\"."),
+                         ({"epochs": 2.5}, "trainer setting 'epochs' must be a whole number, not 2.5."),
+                         ({"opd_center": 1}, "trainer setting 'opd_center' must be true or false, not 1."),
+                         ({"w_rl": True}, "trainer setting 'w_rl' must be a number, not true."),
+                         ({"mode": 3}, "trainer setting 'mode' must be text, not 3."),
+                         ({"lora_targets": "qkv"}, "trainer setting 'lora_targets' must be a list of names, not \"qkv\"."),
+                         ({"hint_memory": -1}, "hint_memory must be 0 (off) or positive.")):
+        with pytest.raises(TrainerConfigError) as err:
+            config_from_overrides(bad)
+        assert str(err.value) == message
+
+
 def test_config_and_export_errors(tiny_model_dir):
     for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(hint_memory=-1), dict(hint_memory_scope="some"), dict(w_teacher_reply=-1), dict(teacher_replies="yes"), dict(replay_praised=-1), dict(replay_buffer=0), dict(w_replay=-0.5)):
         with pytest.raises(UserError):

@@ -9,7 +9,9 @@ persona replay (docs/replay.md, Sessions 10 and 11), and a repetition guard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import json
+from dataclasses import MISSING, dataclass, field, fields
 
 from companion.errors import UserError
 
@@ -182,3 +184,39 @@ class TrainerConfig:
         if self.lr is not None:
             return self.lr
         return 3e-4 if self.mode == "lora" else 1e-5
+
+
+def config_from_overrides(overrides: dict) -> TrainerConfig:
+    """A :class:`TrainerConfig` from JSON overrides (``--trainer`` / ``--trainer-json``), checked up front.
+
+    Raises :class:`TrainerConfigError` in one sentence for an unknown field (with the closest name),
+    a value of the wrong type (judged by the field's default: a number for a float, a whole number
+    for an int, true/false for a bool, text for a str, a list of text for a tuple) or one
+    ``__post_init__`` refuses. Without this a misspelt field surfaced only at the first update, in
+    the backend's log, minutes into a replay."""
+    known = {f.name: f for f in fields(TrainerConfig)}
+    out = {}
+    for name, value in overrides.items():
+        f = known.get(name)
+        if f is None:
+            close = difflib.get_close_matches(str(name), list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TrainerConfigError(f"unknown trainer setting {name!r}{hint}.")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif isinstance(default, float) or default is None:  # None: lr, a number or null
+            ok, kind = is_num or (default is None and value is None), "a number" + (" or null" if default is None else "")
+            value = float(value) if is_num else value
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "text"
+        else:  # a tuple: lora_targets
+            ok, kind = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of names"
+            value = tuple(value) if ok else value
+        if not ok:
+            raise TrainerConfigError(f"trainer setting {name!r} must be {kind}, not {json.dumps(value, default=str)}.")
+        out[name] = value
+    return TrainerConfig(**out)

@@ -50,6 +50,7 @@ def _run(args) -> int:
     from backend.loops import PipelineConfig
     from backend.server import BackendServer, ServerConfig
     from backend.stages import default_stages, method_trainer_overrides, tiny_stages
+    from backend.trainer.config import config_from_overrides
     from companion.cli import settings_from_args
     from companion.errors import UserError
     from companion.keys import keys_dir
@@ -70,6 +71,7 @@ def _run(args) -> int:
     if not isinstance(overrides, dict):
         raise UserError("--trainer-json must be a JSON object of TrainerConfig fields.")
     overrides = method_trainer_overrides(args.method, overrides)  # explicit w_rl / w_opd win
+    config_from_overrides(overrides)  # a misspelt or mistyped field fails here, not at the first update
     model_path = resolve_model_path(settings)
     fp = model_fingerprint(model_path)
     if args.stages == "tiny":

@@ -80,6 +80,12 @@ def _run(args) -> int:
         assert isinstance(overrides, dict)
     except (ValueError, AssertionError):
         raise UserError("--trainer must be a JSON object, e.g. '{\"lr\": 5e-4}'.") from None
+    from backend.stages import METHOD_WEIGHTS, method_trainer_overrides
+    from backend.trainer.config import config_from_overrides
+
+    for method in [args.method] if args.compare is None else (args.compare or list(METHODS)):
+        if method in METHOD_WEIGHTS:  # none and memory never train
+            config_from_overrides(method_trainer_overrides(method, overrides))  # fail now, not at the first update
     chat = None
     if args.llm_user or args.llm_rater:
         if not args.llm_endpoint:
