@@ -334,9 +334,10 @@ class Pipeline:
             self.store.bump(user, "dropped_stale", len(stale))
         if not fresh:
             return
-        memory = int(getattr(getattr(tr, "cfg", None), "hint_memory", 0) or 0)
+        tcfg = getattr(tr, "cfg", None)  # the tiny stages' trainer has no TrainerConfig
+        memory = int(getattr(tcfg, "hint_memory", 0) or 0)
         if memory > 0:
-            self._apply_hint_memory(user, fresh, memory, only_hinted=getattr(tr.cfg, "hint_memory_scope", "hinted") != "all")
+            self._apply_hint_memory(user, fresh, memory, only_hinted=getattr(tcfg, "hint_memory_scope", "hinted") != "all")
         ids = [s.turn_id for s in fresh]
         target = int(tr.version) + 1
         self.store.set_stage(ids, "training", train_version=target)

@@ -83,7 +83,8 @@ def _run(args) -> int:
     from backend.stages import METHOD_WEIGHTS, method_trainer_overrides
     from backend.trainer.config import config_from_overrides
 
-    for method in [args.method] if args.compare is None else (args.compare or list(METHODS)):
+    methods = [args.method] if args.compare is None else (args.compare or list(METHODS))
+    for method in methods:
         if method in METHOD_WEIGHTS:  # none and memory never train
             config_from_overrides(method_trainer_overrides(method, overrides))  # fail now, not at the first update
     chat = None
@@ -93,7 +94,6 @@ def _run(args) -> int:
         from companion.sim.llm import ChatEndpoint
 
         chat = ChatEndpoint(args.llm_endpoint, args.llm_model, api_key=os.environ.get("OPENAI_API_KEY"))
-    methods = [args.method] if args.compare is None else (args.compare or list(METHODS))
     reports = {}
     for method in methods:
         cfg = ReplayConfig(method=method, turns=args.turns, eval_every=args.eval_every, seed=args.seed,
