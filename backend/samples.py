@@ -13,16 +13,25 @@ Contract:
   template and the generation prompt; the teacher scores the same reply ids.
 - Over-long prompts keep their *last* ``max_prompt_tokens`` ids; over-long
   replies keep their first ``max_response_tokens`` (log-probs cut alike).
+- ``quoted_positions``: when the hint quotes words ('crucial', "in summary"; straight or
+  curly quotes, 2-40 characters, not an apostrophe inside a word) that the reply contains
+  (case-insensitively, whole words), the index of the first reply token of every such
+  occurrence, ascending; None when nothing quoted is in the reply. The trainer's
+  ``w_quoted`` term pushes exactly these tokens down.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 
 from companion.errors import UserError
 
 HINT_TEMPLATE = "\n\n[user's hint / instruction]\n{hint}"
+# A quoted word or phrase in a hint: 'x', "x", ‘x’ or “x”, opened where no word character
+# precedes it, so the apostrophes of "don't" or "kid's" never open a quote.
+QUOTED = re.compile(r"""(?<!\w)(?:'([^'\n]{2,40})'|"([^"\n]{2,40})"|‘([^’\n]{2,40})’|“([^”\n]{2,40})”)(?!\w)""")
 
 
 def _help(text: str, **kw):
@@ -55,6 +64,8 @@ class Sample:
     policy_version: int
     # For a praised rewrite: the prompt of the criticised attempt it replaced (backend.hindsight), else None.
     hindsight_prompt_ids: list[int] | None = None
+    # Reply token indices where a word the hint quotes starts (see quoted_positions), else None.
+    quoted_positions: list[int] | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -72,6 +83,37 @@ def hinted_messages(messages: list[dict], hint: str, template: str = HINT_TEMPLA
             m["content"] = str(m.get("content", "")) + template.format(hint=hint)
             return out
     raise ValueError("no user message to attach the hint to")
+
+
+def quoted_phrases(hint: str) -> list[str]:
+    """The words or phrases a hint quotes, in order, whitespace-normalised, without repeats."""
+    out: list[str] = []
+    for m in QUOTED.finditer(hint):
+        phrase = " ".join(next(g for g in m.groups() if g is not None).split()).strip(" .,;:!?")
+        if len(phrase) >= 2 and phrase.lower() not in (p.lower() for p in out):
+            out.append(phrase)
+    return out
+
+
+def quoted_positions(tokenizer, response_ids: list[int], phrases: list[str]) -> list[int] | None:
+    """First reply token of every whole-word, case-insensitive occurrence of a phrase; None if none."""
+    if not phrases or not response_ids:
+        return None
+    text = tokenizer.decode(response_ids, skip_special_tokens=True)
+    hits = [(m.start(), m.end()) for phrase in phrases
+            for m in re.finditer(r"(?<!\w)" + r"\s+".join(re.escape(w) for w in phrase.split()) + r"(?!\w)",
+                                 text, re.IGNORECASE)]
+    if not hits:
+        return None
+    # Character span of each token, decoding prefix by prefix (exact across BPE merges and
+    # multi-byte characters, which a per-token decode is not); replies are a few hundred tokens.
+    spans, pos = [], 0
+    for k in range(len(response_ids)):
+        end = len(tokenizer.decode(response_ids[: k + 1], skip_special_tokens=True))
+        spans.append((pos, end))
+        pos = max(pos, end)
+    found = {next((k for k, (a, b) in enumerate(spans) if a < e and b > s), None) for s, e in hits}
+    return sorted(k for k in found if k is not None) or None
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -97,10 +139,12 @@ def build_sample(turn: dict, reward: int, hint: str | None, tokenizer, cfg: Samp
     lps = [float(x) for x in lps][: len(response)] if lps else None
     if lps is not None and len(lps) != len(response):
         lps = None  # a mismatched record cannot be compared token by token
-    teacher = None
+    teacher = quoted = None
     if hint is not None:
         teacher = chat_ids(tokenizer, hinted_messages(turn["messages"], hint, cfg.hint_template))
         teacher = teacher[-cfg.max_prompt_tokens :]
+        if reward <= 0:  # words quoted in praise are not words to avoid
+            quoted = quoted_positions(tokenizer, response, quoted_phrases(hint))
     return Sample(
         turn_id=str(turn.get("turn_id", "")),
         user=str(turn.get("client_id", "")),
@@ -111,4 +155,5 @@ def build_sample(turn: dict, reward: int, hint: str | None, tokenizer, cfg: Samp
         hint=hint,
         teacher_prompt_ids=teacher,
         policy_version=int(turn.get("policy_version", 0)),
+        quoted_positions=quoted,
     )

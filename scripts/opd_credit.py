@@ -55,6 +55,7 @@ def main() -> int:
     from companion.errors import UserError
     from companion.models import resolve_model_path
     from companion.sim.persona import load_persona
+    from companion.sim.scoring import fill_correction
 
     settings = load_settings()
     persona = load_persona(args.persona)
@@ -83,7 +84,8 @@ def main() -> int:
         inside = [any(a < e and b > s for s, e in found) for a, b in token_spans(engine.tokenizer, ids)]
         turn = {"turn_id": f"probe-{i}", "client_id": "probe", "messages": messages,
                 "prompt_ids": reply.prompt_ids, "token_ids": ids, "policy_version": 0}
-        judgments = judge.judge_batch([(messages, reply.text, c) for c in pref.corrections])
+        # A phrasing with {found} quotes this reply's own words, as the replay's simulated person does.
+        judgments = judge.judge_batch([(messages, reply.text, fill_correction(pref, c, reply.text)) for c in pref.corrections])
         old = None  # the unhinted log-probs are the same for every correction: scored once per reply
         for hint in (j.hint for j in judgments if j.hint):
             s = build_sample(turn, -1, hint, trainer.tokenizer)

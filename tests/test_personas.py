@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from companion.sim.persona import PersonaError, check_persona, load_persona, parse_persona
-from companion.sim.scoring import distinct_ngram_ratio, evaluate, meets, score_reply
+from companion.sim.scoring import distinct_ngram_ratio, evaluate, fill_correction, meets, score_reply
+from companion.sim.user import SimulatedUser
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["student", "teacher"]
@@ -169,6 +170,37 @@ def test_checks_and_eval_aggregates():
     assert res.all_pass == 0.0 and res.score == 0.0 and res.per_pref == {"no-lists": 0.0, "brief": 0.0, "answers": 0.0}
 
 
+def test_a_correction_quotes_what_broke_the_preference():
+    text = (GOOD.replace('corrections = ["no lists"]', 'corrections = ["drop {found} please"]')
+            .replace("pattern = '^\\s*- '", "pattern = '(?i)\\b(crucial|vital|in\\s+summary)\\b'")
+            .replace('corrections = ["shorter"]', 'corrections = ["{found} words is too many"]'))
+    p = parse_persona(text)
+    absent, brief = p.preference("no-lists"), p.preference("brief")
+    reply = "Crucial, truly vital. It is crucial.\nIn\nsummary: VITAL and crucial."
+    # distinct matches, first spelling kept, a match over a line break read as one phrase, at most three
+    assert fill_correction(absent, absent.corrections[0], reply) == "drop 'Crucial', 'vital' and 'In summary' please"
+    assert fill_correction(absent, absent.corrections[0], "only vital") == "drop 'vital' please"
+    assert fill_correction(brief, brief.corrections[0], "one two three four five six") == "6 words is too many"
+    assert fill_correction(absent, "no placeholder", reply) == "no placeholder"
+    # the simulated person fills it from the reply it answers
+    p = parse_persona(text.replace("vague_rate = 0.25", "vague_rate = 0.0"))
+    u = SimulatedUser(p, 0)
+    r = u.react(p.tasks[0], "alpha is vital")
+    assert r.kind == "correction" and r.named == ["no-lists"] and r.text.startswith("drop 'vital' please."), r.text
+
+
+def test_only_found_and_only_where_it_can_be_filled():
+    text = (GOOD.replace('corrections = ["no lists"]', 'corrections = ["drop {fuond}"]')
+            .replace('corrections = ["answer it"]', 'corrections = ["say {found}"]'))
+    with pytest.raises(PersonaError) as err:
+        parse_persona(text)
+    lines = _lines(text)
+    by_line = {p.line: p.message for p in err.value.problems}
+    assert len(err.value.problems) == 2, err.value.problems
+    assert "unknown placeholder {fuond}" in by_line[next(i for i, s in lines.items() if "{fuond}" in s)]
+    assert "only absent, max_words, min_words" in by_line[next(i for i, s in lines.items() if "say {found}" in s)]
+
+
 def test_distinct_4gram_ratio_catches_loops():
     fresh = "the cat sat on the mat while the dog ran around the yard"
     loop = "I am sorry for that. " * 8
@@ -200,3 +232,15 @@ def test_cli_check_and_score(tmp_path):
     assert res.returncode == 2 and "--task must be between 1 and" in res.stderr and "Traceback" not in res.stderr
     res = _cli("personas", "check", "nobody-by-this-name")
     assert res.returncode == 2 and "known personas" in res.stderr
+
+
+def test_the_quoting_experiment_is_the_student_with_only_its_filler_word_corrections_changed():
+    student = load_persona("student")
+    quoting = load_persona(str(ROOT / "personas" / "experiments" / "student-quoting.toml"))
+    assert (quoting.tasks, quoting.eval_tasks, quoting.feedback) == (student.tasks, student.eval_tasks, student.feedback)
+    for a, b in zip(student.preferences, quoting.preferences):
+        assert (a.id, a.check, a.pattern, a.value) == (b.id, b.check, b.pattern, b.value)
+        assert (a.corrections == b.corrections) == (a.id != "plain-words")
+    plain = quoting.preference("plain-words")
+    assert len(plain.corrections) == len(student.preference("plain-words").corrections)  # same random draws
+    assert all("{found}" in c for c in plain.corrections)

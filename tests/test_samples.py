@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from backend.samples import HINT_TEMPLATE, SampleConfig, build_sample, hinted_messages
+from backend.samples import HINT_TEMPLATE, SampleConfig, build_sample, hinted_messages, quoted_phrases
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,16 @@ def test_truncation_and_bad_input(tok):
 
     with pytest.raises(UserError):
         SampleConfig(hint_template="no placeholder")
+
+
+def test_quoted_words_of_a_complaint_mark_the_reply_tokens_where_they_start(tok):
+    assert quoted_phrases("Don't start with 'Sure' or 'Certainly', my kid's teacher says “in  summary” is AI.") == \
+        ["Sure", "Certainly", "in summary"]
+    assert quoted_phrases("it's fine, don't 'x' and 'SURE' 'sure'") == ["SURE"]  # apostrophes open nothing; 1 char is no word
+    reply = "Sure! Gravity is a fundamental force. In\nsummary, it is Fundamental, not fundamentally."
+    ids = tok(reply, add_special_tokens=False)["input_ids"] + [2]
+    s = build_sample(_turn(tok, ids), -1, "Stop using words like 'fundamental' and 'in summary'.", tok)
+    assert [tok.decode([ids[t]]) for t in s.quoted_positions] == [" fundamental", " In", " Fundamental"]
+    assert build_sample(_turn(tok, ids), -1, "Shorter please.", tok).quoted_positions is None
+    assert build_sample(_turn(tok, ids), -1, "Stop saying 'crucial'.", tok).quoted_positions is None  # not in the reply
+    assert build_sample(_turn(tok, ids), 1, "I loved 'fundamental force'.", tok).quoted_positions is None  # praise

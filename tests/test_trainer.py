@@ -88,6 +88,40 @@ def test_centred_opd_keeps_only_which_tokens_the_teacher_disliked_more(tiny_mode
     assert plain.update([s]).loss_first == pytest.approx(-float(adv.mean()), abs=1e-5)
 
 
+def test_unlikelihood_pushes_a_confident_token_where_the_policy_gradient_barely_does():
+    from backend.trainer import loss as L
+
+    # One position, a token with p = 0.9: d/dlogit of -log(1 - p) is p (0.9), while the PPO
+    # term with A = -1 at ratio 1 gives (1 - p) (0.1). Both lower the token.
+    logits = torch.tensor([[[4.0, 0.0, 0.0, 0.0]]])
+    logits[0, 0, 1:] = torch.log(torch.tensor(0.1 / 3)) + 4.0 - torch.log(torch.tensor(0.9))
+    logits.requires_grad_(True)
+    lp = torch.log_softmax(logits, -1)[..., 0]  # [1, 1] log p of token 0 (token_logp without megatron's TP state)
+    assert float(lp.exp()) == pytest.approx(0.9, abs=1e-5)
+    (g_ul,) = torch.autograd.grad(L.unlikelihood(lp[0], torch.ones(1)), logits, retain_graph=True)
+    (g_pg,) = torch.autograd.grad(L.ppo_loss(lp[0], lp[0].detach(), torch.tensor([-1.0]), torch.ones(1), 0.2, 0.2)[0], logits)
+    assert float(g_ul[0, 0, 0]) == pytest.approx(0.9, abs=1e-4)
+    assert float(g_pg[0, 0, 0]) == pytest.approx(0.1, abs=1e-4)
+    assert float(L.unlikelihood(lp[0], torch.zeros(1))) == 0.0  # no quoted token, no term
+
+
+def test_quoted_words_get_the_unlikelihood_term_in_the_update(tiny_model_dir):
+    # The same criticised reply with and without w_quoted, from the same weights: the first loss
+    # differs by exactly w_quoted * mean(-log(1 - p_old)) over the marked tokens, and only marked
+    # tokens inside the trained reply count.
+    def run(w, positions):
+        tr = Trainer(cfg(lr=3e-3, w_quoted=w, w_opd=0.0), model_path=tiny_model_dir)
+        s = Sample(**{**rewarded(tr, -1).to_dict(), "quoted_positions": positions})
+        old, _, _ = tr._score([(s.prompt_ids, s.response_ids)])
+        return old, tr.update([s])
+
+    old, rep0 = run(0.0, [2, 5])
+    _, rep1 = run(2.0, [2, 5, 10_000])
+    assert (rep0.n_quoted, rep1.n_quoted) == (0, 2)
+    ul = float(-torch.log1p(-old[[2, 5]].exp()).mean())
+    assert rep1.loss_first == pytest.approx(rep0.loss_first + 2.0 * ul, rel=1e-5)
+
+
 def test_topk_opd_follows_the_teacher_distribution(tiny_model_dir):
     from backend.trainer import loss as L
 

@@ -86,6 +86,13 @@ class TrainerConfig:
         "(backend/hindsight.py). The criticised reply (-1) and the praised rewrite (+1) then meet on one prompt: "
         "the reply the person wanted, on the prompt they first asked. Never enters the reward baseline.",
         default=0.0)
+    w_quoted: float = _help(
+        "Weight of the quoted-word term (0 = off): when a complaint's hint quotes words the reply used "
+        "(\"stop saying 'fundamental'\"), the first reply token of each such word gets the unlikelihood loss "
+        "-log(1 - p), averaged over those tokens. The PPO term pushes a confident token down by about "
+        "A * (1 - p) per unit of advantage, almost nothing for a word the model is sure of; this term pushes by "
+        "about p. Only words the person quoted and the reply contains (backend.samples.quoted_positions).",
+        default=0.0)
     hint_memory: int = _help(
         "Hint memory of the OPD teacher (0 = off): the teacher of every judged sample of an update sees the "
         "user's newest N distinct hints (the judge's, oldest first), not only the hint of that turn "
@@ -158,6 +165,7 @@ class TrainerConfig:
             (self.replay_praised >= 0 and self.replay_buffer >= 1 and self.w_replay >= 0,
              "replay_praised must be >= 0, replay_buffer at least 1 and w_replay >= 0."),
             (self.w_hindsight >= 0, "w_hindsight must be >= 0."),
+            (self.w_quoted >= 0, "w_quoted must be >= 0."),
             (self.hint_memory >= 0, "hint_memory must be 0 (off) or positive."),
             (self.hint_memory_scope in ("hinted", "all"), "hint_memory_scope must be 'hinted' or 'all'."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),

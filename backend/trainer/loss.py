@@ -11,6 +11,9 @@ Contract:
   (the trainer passes 1 per token, or 1 / reply length to count each reply once).
 - PPO: ratio = exp(logp - old), loss = -min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A).
 - KL to base uses the k3 estimator exp(b-l) - (b-l) - 1 (>= 0, unbiased).
+- Unlikelihood (Welleck et al. 2019): -log(1 - p) of chosen tokens, for tokens the person
+  objected to by name; its gradient on the token's logit is p, where the policy gradient's is
+  A * (1 - p), so it still bites on a word the model is sure of.
 """
 
 from __future__ import annotations
@@ -93,6 +96,12 @@ def ppo_loss(logp, old_logp, adv, mask, eps_low: float, eps_high: float):
     loss = masked_mean(-torch.minimum(s1, s2), mask)
     clipped = ((s2 < s1).float() * mask).sum() / mask.sum().clamp(min=1)
     return loss, float(clipped)
+
+
+def unlikelihood(logp, mask):
+    """Mean of -log(1 - p) over the tokens ``mask`` selects (0/1, [n]); p capped below 1 so it stays finite."""
+    p = logp.exp().clamp(max=1 - 1e-6)
+    return masked_mean(-torch.log1p(-p), mask)
 
 
 def kl_k3(logp, base_logp, mask):

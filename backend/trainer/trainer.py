@@ -31,6 +31,8 @@ A_t = w_teacher_reply (a :class:`TeacherReply`); it never enters the reward base
 with A_t = w_replay (a :class:`ReplayedReply`: self-imitation); nor do they enter the baseline.
 With ``w_hindsight`` > 0 every judged +1 sample that carries ``hindsight_prompt_ids`` (a praised rewrite,
 backend/hindsight.py) is also trained on that prompt with A_t = w_hindsight (a :class:`HindsightReply`).
+With ``w_quoted`` > 0 the loss also has w_quoted * mean(-log(1 - p_t)) over the reply tokens where a
+word the hint quotes starts (``Sample.quoted_positions``), per minibatch that has any.
 """
 
 from __future__ import annotations
@@ -624,6 +626,13 @@ class Trainer:
         # Per-token weights of the masked means: 1 for 'token' aggregation, 1/len(reply) for 'sample'
         # (masked_mean divides by the weights' sum, so each reply then counts once per minibatch).
         token_weights = torch.cat([torch.full((n,), 1.0 if cfg.loss_agg == "token" else 1.0 / n) for n in lens])  # [n_tok]
+        quoted = torch.zeros(n_tok)  # [n_tok] 1 at the first token of each word the person quoted
+        if cfg.w_quoted > 0:
+            for i, s in enumerate(samples):
+                for t in getattr(s, "quoted_positions", None) or ():
+                    if t < lens[i]:
+                        quoted[offs[i] + t] = 1.0
+        n_quoted = int(quoted.sum())
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
         for _epoch in range(cfg.epochs):
             for a in range(0, len(samples), mb):
@@ -647,6 +656,8 @@ class Trainer:
                         logits, logz, old_topk[s0:s1].unsqueeze(0), tk[s0:s1].unsqueeze(0),
                         ti[s0:s1].unsqueeze(0), (opd_mask[s0:s1] * mask).unsqueeze(0),
                         cfg.opd_topk_clip, cfg.eps_low, cfg.eps_high)
+                if n_quoted and quoted[s0:s1].any():
+                    loss = loss + cfg.w_quoted * L.unlikelihood(lp, quoted[s0:s1])
                 if base_lp is not None:
                     kl = L.kl_k3(lp, base_lp[s0:s1], mask)
                     loss = loss + cfg.kl_coef * kl
@@ -667,7 +678,7 @@ class Trainer:
             loss=sum(losses) / len(losses), loss_first=losses[0], loss_last=losses[-1],
             n_samples=n_judged, n_tokens=n_tok, n_hinted=len(hinted),
             n_teacher_replies=len(samples) - n_judged - len(replayed) - len(hindsight), n_replayed=len(replayed),
-            n_hindsight=len(hindsight),
+            n_hindsight=len(hindsight), n_quoted=n_quoted,
             teacher_reply_s=teacher_reply_s,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),

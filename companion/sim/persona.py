@@ -16,7 +16,9 @@ Contract
   no eval prompt is also a training prompt (compared after whitespace/case
   normalisation), so evaluation never measures memorised training turns; every
   regex compiles; every preference has at least one correction phrasing; when a
-  ``keywords`` preference exists every task carries keywords.
+  ``keywords`` preference exists every task carries keywords; the only placeholder a
+  correction may hold is ``{found}``, and only in an absent / max_words / min_words
+  preference (the checks that have something in the reply to quote).
 - The ``description`` is for people and is never shown to the policy.
 """
 
@@ -39,6 +41,11 @@ FEEDBACK_KEYS = {"praise", "vague_complaints", "neutral", "rewrite_requests", "v
 PERSONA_DIRS = (Path(__file__).resolve().parents[2] / "personas", Path("personas"))
 
 DEFAULT_REWRITE_REQUESTS = ["Can you try that again?"]
+# A correction phrasing may quote the reply, as a person points at what annoyed them:
+# {found} is filled per reply (companion.sim.scoring.fill_correction) with the text an
+# `absent` pattern matched, or the word count that broke a max_words / min_words limit.
+PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")
+FOUND_CHECKS = ("absent", "max_words", "min_words")
 
 
 class PersonaError(UserError):
@@ -225,6 +232,12 @@ def _parse_preferences(data: dict, idx: _LineIndex, problems: list[Problem]) -> 
                 problems.append(Problem(at("value") or at("check"), f"preference {pid!r} (check {check}) needs a positive integer value."))
                 value = None
         corrections = _str_list(entry.get("corrections", []), f"corrections of preference {pid!r}", at("corrections") or at(), problems)
+        for phrasing in corrections:
+            for name in PLACEHOLDER.findall(phrasing):
+                if name != "found":
+                    problems.append(Problem(at("corrections"), f"correction {phrasing!r} of preference {pid!r} has an unknown placeholder {{{name}}} (the only one is {{found}})."))
+                elif check not in FOUND_CHECKS:
+                    problems.append(Problem(at("corrections"), f"correction {phrasing!r} of preference {pid!r} uses {{found}}, which only {', '.join(FOUND_CHECKS)} checks can fill."))
         desc = entry.get("description", "")
         if not isinstance(desc, str):
             problems.append(Problem(at("description"), f"description of preference {pid!r} must be a string."))

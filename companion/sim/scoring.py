@@ -7,6 +7,10 @@ Contract
   ``keywords``: the reply mentions at least one of the task's keywords,
   case-insensitively, starting at a word boundary (so "cells" matches "cell").
 - Score of a reply = share of preferences it meets, in [0, 1].
+- :func:`fill_correction` fills a correction phrasing's ``{found}`` from the reply it
+  answers: for ``absent``, the distinct matched texts (case-insensitively, first three,
+  in reply order, quoted: "'crucial' and 'vital'"); for ``max_words``/``min_words``, the
+  reply's word count. A phrasing without ``{found}`` is returned unchanged.
 - :func:`evaluate` scores greedy replies to the eval tasks: personalization score
   = mean reply score; all-pass rate = share of replies meeting every preference;
   distinct-4 = distinct word 4-grams / all word 4-grams pooled over the replies
@@ -42,6 +46,30 @@ def meets(pref: Preference, reply: str, task: Task | None = None) -> bool:
         # A task without keywords cannot be checked; the validator refuses such files.
         return task is not None and mentions_keyword(reply, task.keywords)
     raise ValueError(f"unknown check {pref.check!r}")
+
+
+def _quoted_list(items: list[str]) -> str:
+    quoted = [f"'{x}'" for x in items]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def fill_correction(pref: Preference, phrasing: str, reply: str) -> str:
+    if "{found}" not in phrasing:
+        return phrasing
+    if pref.check in ("max_words", "min_words"):
+        found = str(word_count(reply))
+    elif pref.check == "absent":
+        seen: dict[str, str] = {}
+        for m in pref.pattern.finditer(reply):
+            text = " ".join(m.group(0).split())  # a match over a line break reads as one phrase
+            if text and text.lower() not in seen:
+                seen[text.lower()] = text
+        # The phrasing is only used for a failed preference, so an absent pattern matched;
+        # "that" keeps the sentence readable if a caller fills it for a passing reply.
+        found = _quoted_list(list(seen.values())[:3]) if seen else "that"
+    else:
+        raise ValueError(f"{{found}} cannot be filled for a {pref.check!r} preference")
+    return phrasing.replace("{found}", found)
 
 
 @dataclass

@@ -13,7 +13,8 @@ Contract
     * with ``neutral_rate``: a neutral message (no evaluation), the session ends;
     * every preference met: praise, the session ends;
     * otherwise, with ``vague_rate`` a vague complaint (evaluative only), else a
-      correction naming one or two failed preferences (directive); while rewrites
+      correction naming one or two failed preferences (directive; a phrasing's
+      ``{found}`` quotes what broke it, :func:`~companion.sim.scoring.fill_correction`); while rewrites
       are left (``max_rewrites`` per session) and with ``rewrite_rate`` it also asks
       for a rewrite and the session goes on, otherwise the session ends.
 """
@@ -24,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 
 from companion.sim.persona import Persona, Task
-from companion.sim.scoring import ReplyScore, score_reply
+from companion.sim.scoring import ReplyScore, fill_correction, score_reply
 
 
 @dataclass
@@ -71,7 +72,8 @@ class SimulatedUser:
             text, kind, named = self.rng.choice(fb.vague_complaints), "vague", []
         else:
             named = self.rng.sample(failed, k=min(len(failed), self.rng.choice((1, 2))))
-            parts = [self.rng.choice(self.persona.preference(pid).corrections) for pid in named]
+            prefs = [self.persona.preference(pid) for pid in named]
+            parts = [fill_correction(p, self.rng.choice(p.corrections), reply) for p in prefs]
             text, kind = " ".join(_sentence(p) for p in parts), "correction"
         rewrite = rewrites_used < fb.max_rewrites and self.rng.random() < fb.rewrite_rate
         if rewrite:
