@@ -95,6 +95,17 @@ def quoted_phrases(hint: str) -> list[str]:
     return out
 
 
+def token_spans(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
+    """Character span of each token in the decoded reply, decoding prefix by prefix (exact across
+    BPE merges and multi-byte characters, which a per-token decode is not); replies are short."""
+    spans, pos = [], 0
+    for k in range(len(ids)):
+        end = len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True))
+        spans.append((pos, end))
+        pos = max(pos, end)
+    return spans
+
+
 def quoted_positions(tokenizer, response_ids: list[int], phrases: list[str]) -> list[int] | None:
     """First reply token of every whole-word, case-insensitive occurrence of a phrase; None if none."""
     if not phrases or not response_ids:
@@ -105,13 +116,7 @@ def quoted_positions(tokenizer, response_ids: list[int], phrases: list[str]) -> 
                                  text, re.IGNORECASE)]
     if not hits:
         return None
-    # Character span of each token, decoding prefix by prefix (exact across BPE merges and
-    # multi-byte characters, which a per-token decode is not); replies are a few hundred tokens.
-    spans, pos = [], 0
-    for k in range(len(response_ids)):
-        end = len(tokenizer.decode(response_ids[: k + 1], skip_special_tokens=True))
-        spans.append((pos, end))
-        pos = max(pos, end)
+    spans = token_spans(tokenizer, response_ids)
     found = {next((k for k, (a, b) in enumerate(spans) if a < e and b > s), None) for s, e in hits}
     return sorted(k for k in found if k is not None) or None
 

@@ -27,16 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def token_spans(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
-    """Character span of each token in the decoded reply (decoded prefix by prefix: exact for BPE merges)."""
-    spans, pos = [], 0
-    for k in range(len(ids)):
-        end = len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True))
-        spans.append((pos, end))
-        pos = end
-    return spans
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--persona", default="student")
@@ -48,7 +38,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from backend.judge import load_judge
-    from backend.samples import build_sample
+    from backend.samples import build_sample, token_spans
     from backend.trainer import Trainer, TrainerConfig
     from companion.config import load_settings
     from companion.engine.local import GenParams, LocalEngine

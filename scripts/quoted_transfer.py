@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from scripts.opd_credit import token_spans  # noqa: E402  (one definition of the prefix-decoded spans)
+from backend.samples import token_spans  # noqa: E402  (the spans the trainer's quoted positions use)
 
 
 def first_match_token(tokenizer, ids: list[int], pattern, text: str) -> int | None:
