@@ -121,6 +121,9 @@ def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
         summary["n_replayed"] = report["n_replayed"]
     if report.get("n_hindsight"):  # praised rewrites trained on the criticised attempt's prompt (w_hindsight)
         summary["n_hindsight"] = report["n_hindsight"]
+    if report.get("n_rollouts"):  # the policy's own replies to corrected prompts, trained by OPD (opd_rollouts)
+        summary["n_rollouts"] = report["n_rollouts"]
+        summary["rollout_s"] = report.get("rollout_s")
     if report.get("n_quoted"):  # reply tokens of words the person quoted, pushed down (w_quoted)
         summary["n_quoted"] = report["n_quoted"]
     for k in ("variety_base", "variety_after"):  # the variety guard's figures, when it ran

@@ -375,6 +375,64 @@ def test_praised_replies_are_replayed_in_later_updates(tiny_model_dir, tmp_path)
     assert off._praised == [] and off.update([criticised]).n_replayed == 0
 
 
+def test_opd_rollouts_train_the_policys_own_greedy_reply_towards_the_hinted_teacher(tiny_model_dir, tmp_path):
+    # guard_max_repeat 1.0: the tiny random model's greedy replies loop, and would all be dropped
+    c = cfg(lr=3e-3, w_rl=0.0, opd_rollouts=1, rollout_tokens=10, rollout_buffer=2, guard_max_repeat=1.0)
+    tr = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+    praised, hinted = fixed_samples(tr.tokenizer)
+    [r] = tr.rollout_samples([praised, hinted])  # only a hinted prompt is rolled out
+    assert r.prompt_ids == hinted.prompt_ids and r.teacher_prompt_ids == hinted.teacher_prompt_ids
+    assert r.response_ids == tr.greedy_cached([hinted.prompt_ids], 10)[0] and r.reward == 0
+    pair, tpair = (r.prompt_ids, r.response_ids), (r.teacher_prompt_ids, r.response_ids)
+    old, teacher = tr._score([pair])[0], tr._score([tpair])[0]
+    twin = Trainer(cfg(lr=3e-3, w_rl=0.0), model_path=tiny_model_dir)  # the same update without the rollout
+    twin.update([hinted])
+    rep = tr.update([hinted])
+    assert rep.n_rollouts == 1 and rep.n_samples == 1 and rep.n_hinted == 1 and rep.n_teacher_replies == 0
+    assert rep.n_tokens == len(hinted.response_ids) + len(r.response_ids) and rep.rollout_s > 0
+    adv = teacher - old
+    moved = float(((tr._score([pair])[0] - old) * adv).sum())
+    moved_without = float(((twin._score([pair])[0] - old) * adv).sum())
+    assert moved > moved_without + 1e-4  # the rollout's own tokens moved towards the teacher
+    assert tr.n_rewards == 1  # the rollout (reward 0) never enters the baseline
+    # the corrected prompt is kept: a later batch with no correction still rolls it out, after a restart too
+    assert [p["turn_id"] for p in tr._hinted] == [hinted.turn_id]
+    again = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+    assert [p["turn_id"] for p in again._hinted] == [hinted.turn_id]
+    assert again.update([praised]).n_rollouts == 1
+    more = [Sample(**{**hinted.to_dict(), "turn_id": f"h{i}"}) for i in range(3)]
+    again.update(more)
+    assert [p["turn_id"] for p in again._hinted] == ["h1", "h2"]  # the newest rollout_buffer
+    picks = [again.rollout_samples([praised])[0].turn_id for _ in range(2)]
+    assert picks[0] in ("h1", "h2") and picks[0] == picks[1]  # seeded by the version: the same pick on rerun
+    assert TrainerConfig().opd_rollouts == 0  # off by default
+    off = Trainer(cfg(lr=3e-3), model_path=tiny_model_dir)
+    assert off.update([hinted]).n_rollouts == 0 and off._hinted == []
+    with pytest.raises(UserError):
+        TrainerConfig(opd_rollouts=-1)
+
+
+class _ScriptedRollouts(Trainer):
+    """Greedy rollouts from a script (the tiny random model's own replies neither end nor vary)."""
+
+    script: list[list[int]] = []
+
+    def greedy_cached(self, prompts, max_new_tokens):
+        assert max_new_tokens == self.cfg.rollout_tokens
+        return [list(r) for r in self.script[: len(prompts)]]
+
+
+def test_opd_rollouts_drop_empty_and_looping_replies_and_keep_an_ended_ones_end(tiny_model_dir):
+    tr = _ScriptedRollouts(cfg(opd_rollouts=4, rollout_tokens=8), model_path=tiny_model_dir)
+    hinted = fixed_samples(tr.tokenizer)[1]
+    batch = [Sample(**{**hinted.to_dict(), "turn_id": f"h{i}"}) for i in range(4)]
+    tr.script = [[], [5, 6] * 4, [5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8]]  # empty, loop, ended, cut at the limit
+    ended, cut = tr.rollout_samples(batch)
+    assert (ended.turn_id, ended.response_ids) == ("h2", [5, 6, 7, tr.eos_id])  # the teacher judges stopping too
+    assert (cut.turn_id, cut.response_ids) == ("h3", [1, 2, 3, 4, 5, 6, 7, 8])  # cut: no eos
+    assert _ScriptedRollouts(cfg(opd_rollouts=4, w_opd=0.0), model_path=tiny_model_dir).rollout_samples(batch) == []
+
+
 class _LoopingProbe(Trainer):
     """A trainer whose greedy probe reports a loop after any update (drives the guard's refusal path)."""
 

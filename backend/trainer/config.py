@@ -93,6 +93,19 @@ class TrainerConfig:
         "A * (1 - p) per unit of advantage, almost nothing for a word the model is sure of; this term pushes by "
         "about p. Only words the person quoted and the reply contains (backend.samples.quoted_positions).",
         default=0.0)
+    opd_rollouts: int = _help(
+        "On-policy OPD rollouts (0 = off): in every update the current policy writes up to this many greedy "
+        "replies (before the update, at most 'rollout_tokens' tokens) to prompts that were corrected: the batch's "
+        "hinted prompts first, then a seeded pick of earlier ones (the newest 'rollout_buffer' kept, "
+        "checkpointed). Each reply is trained with the OPD term only: the teacher (the policy with that prompt's "
+        "hint) scores the policy's own reply, token by token, on the unhinted prompt; no reward, never in the "
+        "baseline. The judged samples only ever score the reply that was criticised, once; a rollout asks what "
+        "the policy would say *now*, so a correction keeps teaching after the weights have moved. Empty and "
+        "looping replies (repeated-3-gram share above 'guard_max_repeat') are dropped.", default=0)
+    rollout_tokens: int = _help("Longest on-policy rollout (tokens); one that does not end is kept, cut, without eos.",
+                                default=96)
+    rollout_buffer: int = _help("How many of the newest corrected prompts (with their hints) 'opd_rollouts' draws "
+                                "from after the batch's own (checkpointed).", default=8)
     hint_memory: int = _help(
         "Hint memory of the OPD teacher (0 = off): the teacher of every judged sample of an update sees the "
         "user's newest N distinct hints (the judge's, oldest first), not only the hint of that turn "
@@ -167,6 +180,8 @@ class TrainerConfig:
             (self.w_hindsight >= 0, "w_hindsight must be >= 0."),
             (self.w_quoted >= 0, "w_quoted must be >= 0."),
             (self.hint_memory >= 0, "hint_memory must be 0 (off) or positive."),
+            (self.opd_rollouts >= 0 and self.rollout_tokens >= 1 and self.rollout_buffer >= 1,
+             "opd_rollouts must be >= 0, rollout_tokens and rollout_buffer at least 1."),
             (self.hint_memory_scope in ("hinted", "all"), "hint_memory_scope must be 'hinted' or 'all'."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
             (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),

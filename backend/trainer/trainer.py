@@ -33,6 +33,10 @@ With ``w_hindsight`` > 0 every judged +1 sample that carries ``hindsight_prompt_
 backend/hindsight.py) is also trained on that prompt with A_t = w_hindsight (a :class:`HindsightReply`).
 With ``w_quoted`` > 0 the loss also has w_quoted * mean(-log(1 - p_t)) over the reply tokens where a
 word the hint quotes starts (``Sample.quoted_positions``), per minibatch that has any.
+With ``opd_rollouts`` = k the batch also holds up to k greedy replies the current policy writes (before the
+update) to corrected prompts: the batch's hinted ones first, then a seeded pick of earlier ones (newest
+``rollout_buffer`` kept, checkpointed). Each is a :class:`Rollout`: reward 0, so only the OPD term
+(teacher = the policy with that prompt's hint) gives it advantage; it never enters the reward baseline.
 """
 
 from __future__ import annotations
@@ -101,6 +105,13 @@ class HindsightReply(TeacherReply):
     ``prompt_ids`` is that earlier prompt, ``response_ids`` the praised reply's served ids."""
 
 
+@dataclass
+class Rollout(Sample):
+    """The current policy's own greedy reply to a corrected prompt (``opd_rollouts``): ``prompt_ids`` the
+    unhinted prompt, ``teacher_prompt_ids`` the same prompt with its hint, reward 0: trained by the OPD
+    term alone, on-policy (the judged samples only ever score the reply the person criticised)."""
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig | None = None, model_path: str | Path | None = None,
                  checkpoint_dir: str | Path | None = None):
@@ -154,6 +165,7 @@ class Trainer:
         self._variety_prompts: list[list[int]] = []  # the variety guard's probe prompts (fixed at first use)
         self._variety_base: float | None = None  # their pooled distinct-4 share under the frozen base
         self._praised: list[dict] = []  # newest replay_buffer praised replies: turn_id, user, prompt_ids, response_ids
+        self._hinted: list[dict] = []  # newest rollout_buffer corrected prompts: turn_id, user, prompt_ids, teacher_prompt_ids, ...
         if self.checkpoint_dir is not None:
             self._resume()
 
@@ -510,6 +522,51 @@ class Trainer:
                                advantage=self.cfg.w_hindsight)
                 for s in samples if s.reward == 1 and getattr(s, "hindsight_prompt_ids", None)]
 
+    def rollout_samples(self, judged: list[Sample]) -> list[Rollout]:
+        """Up to ``opd_rollouts`` greedy replies of the current weights to corrected prompts: the hinted
+        samples of ``judged`` first, then earlier corrected prompts picked at random (seeded by
+        ``cfg.seed`` and the version, so a rerun rolls out the same). Dropped: an empty reply and one
+        whose repeated-3-gram share exceeds ``guard_max_repeat`` (a loop the OPD term would have to
+        undo token by token). A reply that ended keeps its eos, so the teacher also judges stopping there."""
+        cfg = self.cfg
+        if cfg.opd_rollouts < 1 or cfg.w_opd <= 0:
+            return []
+        own = [{"turn_id": s.turn_id, "user": s.user, "prompt_ids": s.prompt_ids, "hint": s.hint,
+                "teacher_prompt_ids": s.teacher_prompt_ids, "policy_version": s.policy_version}
+               for s in judged if s.teacher_prompt_ids is not None]
+        picked = own[: cfg.opd_rollouts]
+        ids = {p["turn_id"] for p in own}
+        pool = [p for p in self._hinted if p["turn_id"] not in ids]
+        room = cfg.opd_rollouts - len(picked)
+        if room > 0 and pool:
+            picked += random.Random(cfg.seed * 1_000_033 + self.version).sample(pool, min(room, len(pool)))
+        if not picked:
+            return []
+        replies = self.greedy_cached([list(p["prompt_ids"]) for p in picked], cfg.rollout_tokens)
+        out = []
+        for p, r in zip(picked, replies):
+            if not r or repeated_ngram_fraction(r) > cfg.guard_max_repeat:
+                continue
+            ended = len(r) < cfg.rollout_tokens
+            out.append(Rollout(
+                turn_id=p["turn_id"], user=p["user"], prompt_ids=list(p["prompt_ids"]),
+                response_ids=r + ([self.eos_id] if ended else []), rollout_logprobs=None, reward=0,
+                hint=p["hint"], teacher_prompt_ids=list(p["teacher_prompt_ids"]),
+                policy_version=self.version))
+        return out
+
+    def _remember_hinted(self, samples: list[Sample]) -> None:
+        """Keep the corrected prompts of the judged ``samples`` for later rollouts (newest ``rollout_buffer``)."""
+        if not self.cfg.opd_rollouts:
+            return
+        seen = {p["turn_id"] for p in self._hinted}
+        for s in samples:
+            if s.teacher_prompt_ids is not None and s.turn_id not in seen:
+                self._hinted.append({"turn_id": s.turn_id, "user": s.user, "prompt_ids": list(s.prompt_ids),
+                                     "hint": s.hint, "teacher_prompt_ids": list(s.teacher_prompt_ids),
+                                     "policy_version": s.policy_version})
+        del self._hinted[: max(0, len(self._hinted) - self.cfg.rollout_buffer)]
+
     def _remember_praised(self, samples: list[Sample]) -> None:
         """Keep the judged replies the judge rewarded +1 for later replay (newest ``replay_buffer``).
         ``samples`` are the batch's judged samples only: teacher-written and replayed ones come after them."""
@@ -538,7 +595,10 @@ class Trainer:
         judged = samples[:n_judged]
         replayed = self.replay_samples(judged)
         hindsight = self.hindsight_samples(judged)
-        samples = samples + replayed + hindsight
+        t_roll = time.perf_counter()
+        rollouts = self.rollout_samples(judged)
+        rollout_s = time.perf_counter() - t_roll
+        samples = samples + replayed + hindsight + rollouts
         pairs = [(s.prompt_ids, s.response_ids) for s in samples]
         hinted = [i for i, s in enumerate(samples) if s.teacher_prompt_ids is not None]
         use_opd = bool(hinted) and cfg.w_opd > 0
@@ -676,10 +736,10 @@ class Trainer:
         report = UpdateReport(
             version=self.version, base_version=self.version, accepted=True, reason="",
             loss=sum(losses) / len(losses), loss_first=losses[0], loss_last=losses[-1],
-            n_samples=n_judged, n_tokens=n_tok, n_hinted=len(hinted),
-            n_teacher_replies=len(samples) - n_judged - len(replayed) - len(hindsight), n_replayed=len(replayed),
-            n_hindsight=len(hindsight), n_quoted=n_quoted,
-            teacher_reply_s=teacher_reply_s,
+            n_samples=n_judged, n_tokens=n_tok, n_hinted=sum(1 for i in hinted if i < n_judged),
+            n_teacher_replies=len(samples) - n_judged - len(replayed) - len(hindsight) - len(rollouts),
+            n_replayed=len(replayed), n_hindsight=len(hindsight), n_quoted=n_quoted, n_rollouts=len(rollouts),
+            teacher_reply_s=teacher_reply_s, rollout_s=rollout_s,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
             grad_norm=max(norms), baseline=self.baseline if cfg.baseline == "ema" else 0.0,
@@ -720,6 +780,7 @@ class Trainer:
         if report["accepted"]:
             self._update_baseline(samples)
         self._remember_praised(judged)  # the person's praise stands even when the guard refused the update
+        self._remember_hinted(judged)  # as do their corrections
         self.version += 1
         report["version"] = self.version
         self._save()
@@ -752,6 +813,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "version": self.version, "step": self.step, "baseline": self.baseline, "n_rewards": self.n_rewards,
             "probe_prompts": self._probe_prompts, "probe_rep": self._probe_rep, "praised": self._praised,
+            "hinted": self._hinted,
             "variety_prompts": self._variety_prompts, "variety_base": self._variety_base,
         }
 
@@ -788,6 +850,7 @@ class Trainer:
         self._probe_prompts = state.get("probe_prompts") or []
         self._probe_rep = tuple(state["probe_rep"]) if state.get("probe_rep") else None
         self._praised = list(state.get("praised") or [])
+        self._hinted = list(state.get("hinted") or [])
         self._variety_prompts = state.get("variety_prompts") or []
         self._variety_base = state.get("variety_base")
         self.resumed_from = self.version
