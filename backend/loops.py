@@ -134,6 +134,16 @@ def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
     return summary
 
 
+def _with_own_hint(hints: list[str], own: str | None, n: int) -> list[str]:
+    """The newest ``n`` hints (oldest first) with a sample's own hint always among them: when newer
+    ones pushed it out, it takes the oldest place and the newest ``n - 1`` follow, so a teacher never
+    loses the correction its own turn was given (a small memory under many distinct hints)."""
+    key = lambda h: " ".join(h.split()).lower()  # noqa: E731  (the store's distinctness rule)
+    if not own or key(own) in {key(h) for h in hints}:
+        return hints
+    return [own.strip()] + (hints[-(n - 1):] if n > 1 else [])
+
+
 class Pipeline:
     def __init__(self, store: Store, stages: Stages, cfg: PipelineConfig, data_dir: Path,
                  publish: Callable[[str, str, Any], None]) -> None:
@@ -378,7 +388,6 @@ class Pipeline:
         hints = self.store.recent_hints(user, n)
         if not hints:
             return
-        joined = " ".join(hints)
         if self._memory_build is None:
             self._memory_build = self.stages.sample_builder()
         for s in samples:
@@ -389,6 +398,7 @@ class Pipeline:
             row = self.store.get_turn(s.turn_id)
             if not row:
                 continue
+            joined = " ".join(_with_own_hint(hints, getattr(s, "hint", None), n))
             rebuilt = self._memory_build(row["payload"], int(s.reward), joined)
             if rebuilt is not None and getattr(rebuilt, "teacher_prompt_ids", None):
                 s.hint, s.teacher_prompt_ids = joined, list(rebuilt.teacher_prompt_ids)

@@ -78,14 +78,15 @@ def test_the_backend_gives_the_samples_of_an_update_the_newest_hints_only_when_a
         assert calls == [] and [h for _, h, _, _ in tr.seen] == ["Make it shorter.", None, "Answer the question."]
         return
     joined = "No filler words. Answer the question."  # the two newest, oldest first: "b" is not in the batch
+    own_a = "Make it shorter. Answer the question."  # "a"'s own hint fell out of the two newest: it keeps it
     assert all(p == [1, 2, 3] for _, _, _, p in tr.seen)  # the policy's prompt is untouched
     if scope == "hinted":  # the praised "c" keeps no teacher
-        assert [(t, h, tp) for t, h, tp, _ in tr.seen] == [("a", joined, [9, len(joined)]), ("c", None, None),
+        assert [(t, h, tp) for t, h, tp, _ in tr.seen] == [("a", own_a, [9, len(own_a)]), ("c", None, None),
                                                           ("d", joined, [9, len(joined)])]
         assert [(t, r) for t, r, _ in calls] == [("a", -1), ("d", -1)]
         return
-    assert [(t, h) for t, h, _, _ in tr.seen] == [("a", joined), ("c", joined), ("d", joined)]
-    assert all(tp == [9, len(joined)] for _, _, tp, _ in tr.seen)  # the praised "c" has a teacher now
+    assert [(t, h) for t, h, _, _ in tr.seen] == [("a", own_a), ("c", joined), ("d", joined)]
+    assert [tp for _, _, tp, _ in tr.seen][1:] == [[9, len(joined)]] * 2  # the praised "c" has a teacher now
     assert [(t, r) for t, r, _ in calls] == [("a", -1), ("c", 1), ("d", -1)]  # rebuilt from the stored turns
 
 
@@ -103,3 +104,15 @@ def test_the_joined_hints_reach_the_teacher_prompt_and_never_the_policys(tmp_pat
     teacher_text = tok.decode(praised.teacher_prompt_ids)
     assert "Question b?" in teacher_text and "Make it shorter." in teacher_text
     assert "Make it shorter." not in tok.decode(praised.prompt_ids)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_samples_own_hint_is_kept_whatever_the_memory_size(n):
+    from backend.loops import _with_own_hint
+
+    newest = ["No filler words.", "Answer the question.", "No lists."][-n:]
+    assert _with_own_hint(newest, "make it  SHORTER.", n)[0] == "make it  SHORTER."  # pushed out: it comes back first
+    assert _with_own_hint(newest, "make it  SHORTER.", n)[1:] == newest[1:]  # then the newest n - 1
+    assert len(_with_own_hint(newest, "make it  SHORTER.", n)) == n
+    assert _with_own_hint(newest, "no LISTS.", n) == newest  # still among them: unchanged
+    assert _with_own_hint(newest, None, n) == newest  # a sample without a hint (scope 'all')

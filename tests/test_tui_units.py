@@ -220,6 +220,8 @@ def test_a_refused_update_is_shown_as_refused_not_as_learned():
     assert kept == {"n_samples": 2, "turn_ids": ["a", "b"], "loss": 0.5, "n_tokens": 9}
     quoted = learned_from_summary({"accepted": True, "n_quoted": 3, "n_hindsight": 0}, ["a"])
     assert quoted["n_quoted"] == 3 and "n_hindsight" not in quoted  # only what this update did
+    rolled = learned_from_summary({"accepted": True, "n_rollouts": 2, "rollout_s": 1.5}, ["a"])
+    assert (rolled["n_rollouts"], rolled["rollout_s"]) == (2, 1.5) and "n_rollouts" not in quoted
     refused = learned_from_summary({"accepted": False, "reason": "repetition guard: greedy distinct-4 0.40 < base 0.95 - 0.1",
                                     "loss": 0.5, "variety_base": 0.95, "variety_after": 0.4, "rep_after": None}, ["a", "b"])
     assert refused["refused"].startswith("repetition guard: greedy distinct-4")
