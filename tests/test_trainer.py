@@ -376,8 +376,8 @@ def test_praised_replies_are_replayed_in_later_updates(tiny_model_dir, tmp_path)
 
 
 def test_opd_rollouts_train_the_policys_own_greedy_reply_towards_the_hinted_teacher(tiny_model_dir, tmp_path):
-    # guard_max_repeat 1.0: the tiny random model's greedy replies loop, and would all be dropped
-    c = cfg(lr=3e-3, w_rl=0.0, opd_rollouts=1, rollout_tokens=10, rollout_buffer=2, guard_max_repeat=1.0)
+    # rollout_max_repeat 1.0: the tiny random model's greedy replies loop, and would all be dropped
+    c = cfg(lr=3e-3, w_rl=0.0, opd_rollouts=1, rollout_tokens=10, rollout_buffer=2, rollout_max_repeat=1.0)
     tr = Trainer(c, model_path=tiny_model_dir, checkpoint_dir=tmp_path)
     praised, hinted = fixed_samples(tr.tokenizer)
     [r] = tr.rollout_samples([praised, hinted])  # only a hinted prompt is rolled out
@@ -430,6 +430,10 @@ def test_opd_rollouts_drop_empty_and_looping_replies_and_keep_an_ended_ones_end(
     ended, cut = tr.rollout_samples(batch)
     assert (ended.turn_id, ended.response_ids) == ("h2", [5, 6, 7, tr.eos_id])  # the teacher judges stopping too
     assert (cut.turn_id, cut.response_ids) == ("h3", [1, 2, 3, 4, 5, 6, 7, 8])  # cut: no eos
+    strict = _ScriptedRollouts(cfg(opd_rollouts=4, rollout_tokens=8, rollout_max_repeat=0.1), model_path=tiny_model_dir)
+    strict.script = [[5, 6, 7, 8, 5, 6, 7, 9]]  # one repeated 3-gram in six: kept at the default 0.5, not at 0.1
+    tr.script = strict.script
+    assert strict.rollout_samples(batch[:1]) == [] and len(tr.rollout_samples(batch[:1])) == 1
     assert _ScriptedRollouts(cfg(opd_rollouts=4, w_opd=0.0), model_path=tiny_model_dir).rollout_samples(batch) == []
 
 

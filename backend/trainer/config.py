@@ -101,9 +101,13 @@ class TrainerConfig:
         "hint) scores the policy's own reply, token by token, on the unhinted prompt; no reward, never in the "
         "baseline. The judged samples only ever score the reply that was criticised, once; a rollout asks what "
         "the policy would say *now*, so a correction keeps teaching after the weights have moved. Empty and "
-        "looping replies (repeated-3-gram share above 'guard_max_repeat') are dropped.", default=0)
+        "looping replies (repeated-3-gram share above 'rollout_max_repeat') are dropped.", default=0)
     rollout_tokens: int = _help("Longest on-policy rollout (tokens); one that does not end is kept, cut, without eos.",
                                 default=96)
+    rollout_max_repeat: float = _help(
+        "Drop an on-policy rollout whose repeated-3-gram share exceeds this (a loop). Stricter than the guard's "
+        "'guard_max_repeat' is useful: the hinted teacher predicts a loop's continuation as readily as the policy "
+        "(in-context copying), so the OPD term does not push a loop down and can push it up.", default=0.5)
     rollout_buffer: int = _help("How many of the newest corrected prompts (with their hints) 'opd_rollouts' draws "
                                 "from after the batch's own (checkpointed).", default=8)
     hint_memory: int = _help(
@@ -182,6 +186,7 @@ class TrainerConfig:
             (self.hint_memory >= 0, "hint_memory must be 0 (off) or positive."),
             (self.opd_rollouts >= 0 and self.rollout_tokens >= 1 and self.rollout_buffer >= 1,
              "opd_rollouts must be >= 0, rollout_tokens and rollout_buffer at least 1."),
+            (0 <= self.rollout_max_repeat <= 1, "rollout_max_repeat must be in [0, 1]."),
             (self.hint_memory_scope in ("hinted", "all"), "hint_memory_scope must be 'hinted' or 'all'."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
             (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),

@@ -526,8 +526,8 @@ class Trainer:
         """Up to ``opd_rollouts`` greedy replies of the current weights to corrected prompts: the hinted
         samples of ``judged`` first, then earlier corrected prompts picked at random (seeded by
         ``cfg.seed`` and the version, so a rerun rolls out the same). Dropped: an empty reply and one
-        whose repeated-3-gram share exceeds ``guard_max_repeat`` (a loop the OPD term would have to
-        undo token by token). A reply that ended keeps its eos, so the teacher also judges stopping there."""
+        whose repeated-3-gram share exceeds ``rollout_max_repeat`` (a loop: the hinted teacher copies
+        it as readily as the policy, so the OPD term would not push it down). A reply that ended keeps its eos, so the teacher also judges stopping there."""
         cfg = self.cfg
         if cfg.opd_rollouts < 1 or cfg.w_opd <= 0:
             return []
@@ -545,7 +545,7 @@ class Trainer:
         replies = self.greedy_cached([list(p["prompt_ids"]) for p in picked], cfg.rollout_tokens)
         out = []
         for p, r in zip(picked, replies):
-            if not r or repeated_ngram_fraction(r) > cfg.guard_max_repeat:
+            if not r or repeated_ngram_fraction(r) > cfg.rollout_max_repeat:
                 continue
             ended = len(r) < cfg.rollout_tokens
             out.append(Rollout(
