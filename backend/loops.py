@@ -45,7 +45,7 @@ from typing import Any, Callable, Protocol
 
 from backend.delta import pack
 from backend.hindsight import hindsight_origin
-from backend.store import Store
+from backend.store import Store, hint_key
 
 log = logging.getLogger("companion.backend")
 
@@ -138,8 +138,7 @@ def _with_own_hint(hints: list[str], own: str | None, n: int) -> list[str]:
     """The newest ``n`` hints (oldest first) with a sample's own hint always among them: when newer
     ones pushed it out, it takes the oldest place and the newest ``n - 1`` follow, so a teacher never
     loses the correction its own turn was given (a small memory under many distinct hints)."""
-    key = lambda h: " ".join(h.split()).lower()  # noqa: E731  (the store's distinctness rule)
-    if not own or key(own) in {key(h) for h in hints}:
+    if not own or hint_key(own) in {hint_key(h) for h in hints}:
         return hints
     return [own.strip()] + (hints[-(n - 1):] if n > 1 else [])
 

@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
+def hint_key(hint: str) -> str:
+    """When two hints count as the same (case and whitespace ignored): ``recent_hints``' rule."""
+    return " ".join(str(hint).split()).lower()
+
+
 class Store:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -129,7 +134,7 @@ class Store:
         seen: set[str] = set()
         for r in self._q("SELECT hint FROM turns WHERE user = ? AND hint IS NOT NULL AND judged_at IS NOT NULL "
                          "ORDER BY judged_at DESC, rowid DESC", [user]):
-            key = " ".join(str(r["hint"]).split()).lower()
+            key = hint_key(r["hint"])
             if key and key not in seen:
                 seen.add(key)
                 out.append(str(r["hint"]).strip())
