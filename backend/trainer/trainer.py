@@ -112,6 +112,12 @@ class Rollout(Sample):
     term alone, on-policy (the judged samples only ever score the reply the person criticised)."""
 
 
+def _corrected_prompt(s: Sample) -> dict:
+    """What a rollout needs of a hinted sample (``opd_rollouts``), as the checkpoint keeps it."""
+    return {"turn_id": s.turn_id, "user": s.user, "prompt_ids": list(s.prompt_ids), "hint": s.hint,
+            "teacher_prompt_ids": list(s.teacher_prompt_ids), "policy_version": s.policy_version}
+
+
 class Trainer:
     def __init__(self, cfg: TrainerConfig | None = None, model_path: str | Path | None = None,
                  checkpoint_dir: str | Path | None = None):
@@ -527,13 +533,12 @@ class Trainer:
         samples of ``judged`` first, then earlier corrected prompts picked at random (seeded by
         ``cfg.seed`` and the version, so a rerun rolls out the same). Dropped: an empty reply and one
         whose repeated-3-gram share exceeds ``rollout_max_repeat`` (a loop: the hinted teacher copies
-        it as readily as the policy, so the OPD term would not push it down). A reply that ended keeps its eos, so the teacher also judges stopping there."""
+        it as readily as the policy, so the OPD term would not push it down). A reply that ended keeps
+        its eos, so the teacher also judges stopping there."""
         cfg = self.cfg
         if cfg.opd_rollouts < 1 or cfg.w_opd <= 0:
             return []
-        own = [{"turn_id": s.turn_id, "user": s.user, "prompt_ids": s.prompt_ids, "hint": s.hint,
-                "teacher_prompt_ids": s.teacher_prompt_ids, "policy_version": s.policy_version}
-               for s in judged if s.teacher_prompt_ids is not None]
+        own = [_corrected_prompt(s) for s in judged if s.teacher_prompt_ids is not None]
         picked = own[: cfg.opd_rollouts]
         ids = {p["turn_id"] for p in own}
         pool = [p for p in self._hinted if p["turn_id"] not in ids]
@@ -562,9 +567,7 @@ class Trainer:
         seen = {p["turn_id"] for p in self._hinted}
         for s in samples:
             if s.teacher_prompt_ids is not None and s.turn_id not in seen:
-                self._hinted.append({"turn_id": s.turn_id, "user": s.user, "prompt_ids": list(s.prompt_ids),
-                                     "hint": s.hint, "teacher_prompt_ids": list(s.teacher_prompt_ids),
-                                     "policy_version": s.policy_version})
+                self._hinted.append(_corrected_prompt(s))
         del self._hinted[: max(0, len(self._hinted) - self.cfg.rollout_buffer)]
 
     def _remember_praised(self, samples: list[Sample]) -> None:
