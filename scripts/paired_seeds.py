@@ -1,13 +1,19 @@
 """Paired comparison of two groups of finished replay runs, matched by their replay seed.
 
 Usage: .venv/bin/python scripts/paired_seeds.py --base runs/<a0> runs/<a1> ... --lever runs/<b0> runs/<b1> ...
-       [--key final_all_pass]
+       [--key final_all_pass | --from-turn 24] [--plot runs/<name>.png --names "default,lever"]
 
 Each run's report.json gives its ``seed`` and the figure (``--key``, default ``final_all_pass``).
+``--from-turn T`` compares instead the mean all-pass rate of the evaluations at turn T and later
+(the report's ``curve``): one evaluation of 13 eval tasks moves by whole tasks, so a lead at the
+last turn alone can be that evaluation's draw (docs/replay.md, Session 20).
 Runs are paired by seed (seeds in only one group are listed and left out); the output is one row
 per seed, the two means, the mean paired difference with its standard error (sample sd / sqrt n),
 and how many seeds went up, stayed, went down. Last line: ONE JSON object (n, base_mean,
 lever_mean, mean_diff, se, sd_diff, higher, equal, lower).
+With ``--plot`` it also draws both groups' all-pass and distinct-4 curves against turns (each paired
+seed thin, the group's mean over those seeds thick; the distinct-4 panel marks the collapse line,
+0.1 below the base's turn-0 figure), so a gain at the end cannot hide a dip on the way.
 
 Why paired and why the SE matters: with nothing changed but the trainer's seed, the student
 replay's per-seed difference has sd 0.188 (docs/replay.md, Session 16, section 4), so seven
@@ -24,8 +30,18 @@ import sys
 from pathlib import Path
 
 
-def load_group(ap: argparse.ArgumentParser, folders: list[Path], key: str, label: str) -> dict[int, float]:
-    """seed -> figure for one group; a clear argparse error for anything a user could get wrong."""
+def late_all_pass(r: dict, from_turn: int) -> float | None:
+    """Mean all-pass rate of the evaluations at ``from_turn`` and later; None if there are none."""
+    xs = [p["all_pass"] for p in r.get("curve") or []
+          if isinstance(p, dict) and isinstance(p.get("turn"), int) and p["turn"] >= from_turn
+          and isinstance(p.get("all_pass"), (int, float))]
+    return statistics.mean(xs) if xs else None
+
+
+def load_group(ap: argparse.ArgumentParser, folders: list[Path], key: str, label: str,
+               reports: dict[int, dict] | None = None, from_turn: int | None = None) -> dict[int, float]:
+    """seed -> figure for one group; a clear argparse error for anything a user could get wrong.
+    With ``reports``, also fills it with seed -> the whole report (for ``--plot``)."""
     out: dict[int, float] = {}
     for d in folders:
         path = d / "report.json"
@@ -35,13 +51,21 @@ def load_group(ap: argparse.ArgumentParser, folders: list[Path], key: str, label
             r = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             ap.error(f"{path} is not valid JSON ({exc.msg})")
-        if key not in r or not isinstance(r[key], (int, float)):
+        if from_turn is not None:
+            value = late_all_pass(r, from_turn)
+            if value is None:
+                ap.error(f"{path} has no evaluation at turn {from_turn} or later")
+        elif key not in r or not isinstance(r[key], (int, float)):
             ap.error(f"{path} has no number under {key!r}")
+        else:
+            value = r[key]
         if not isinstance(r.get("seed"), int):
             ap.error(f"{path} has no replay seed; pairing needs one")
         if r.get("seed") in out:
             ap.error(f"two {label} runs have seed {r['seed']}; give one run per seed")
-        out[r.get("seed")] = float(r[key])
+        out[r.get("seed")] = float(value)
+        if reports is not None:
+            reports[r["seed"]] = r
     return out
 
 
@@ -62,14 +86,70 @@ def paired(base: dict[int, float], lever: dict[int, float]) -> dict:
     }
 
 
+def _curve(r: dict, field: str) -> list[tuple[int, float]]:
+    return [(p["turn"], p[field]) for p in r.get("curve", []) if isinstance(p.get(field), (int, float))]
+
+
+def plot_groups(path: Path, groups: dict[str, dict[int, dict]], seeds: list[int]) -> None:
+    """All-pass and distinct-4 against turns for each group: thin lines per paired seed, a thick line
+    for the mean over the seeds at each evaluated turn (turns every paired run evaluated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    base_d4 = []
+    for (name, reps), colour in zip(groups.items(), ("tab:blue", "tab:orange")):
+        for ax, field in ((ax1, "all_pass"), (ax2, "distinct4")):
+            curves = [dict(_curve(reps[s], field)) for s in seeds]
+            for c in curves:
+                ax.plot(list(c), list(c.values()), color=colour, alpha=0.25, linewidth=0.8)
+            turns = sorted(set.intersection(*(set(c) for c in curves)))
+            means = [statistics.mean(c[t] for c in curves) for t in turns]
+            ax.plot(turns, means, color=colour, linewidth=2.5, marker="o", label=f"{name} (mean of {len(seeds)})")
+        base_d4 += [c[0][1] for c in (_curve(reps[s], "distinct4") for s in seeds) if c and c[0][0] == 0]
+    ax1.set_title("all-pass rate (eval)")
+    ax1.axhline(0.8, color="grey", linestyle="--", linewidth=1)
+    ax2.set_title("distinct-4 of eval replies")
+    if base_d4:  # the collapse target: never more than 0.1 below the base's own figure
+        ax2.axhline(statistics.mean(base_d4) - 0.1, color="red", linestyle=":", linewidth=1, label="base - 0.1")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("turn")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"paired seeds {', '.join(map(str, seeds))}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", nargs="+", type=Path, required=True, help="run folders of the reference (e.g. the default)")
     ap.add_argument("--lever", nargs="+", type=Path, required=True, help="run folders of the change measured")
     ap.add_argument("--key", default="final_all_pass", help="report.json figure to compare (default final_all_pass)")
+    ap.add_argument("--from-turn", type=int, default=None, metavar="T",
+                    help="compare the mean all-pass rate of the evaluations at turn T and later instead of --key")
+    ap.add_argument("--plot", type=Path, default=None,
+                    help="also write a PNG here: both groups' all-pass and distinct-4 curves, per seed and mean")
+    ap.add_argument("--names", default="base,lever", help="the two groups' labels in the plot (default 'base,lever')")
     args = ap.parse_args()
-    base = load_group(ap, args.base, args.key, "--base")
-    lever = load_group(ap, args.lever, args.key, "--lever")
+    names = [n.strip() for n in args.names.split(",")]
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        ap.error(f"--names needs two distinct labels separated by a comma; got {args.names!r}")
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        ap.error(f"--plot writes a PNG; give a path ending in .png, not {str(args.plot)!r}")
+    if args.from_turn is not None and args.key != "final_all_pass":
+        ap.error("--from-turn compares the all-pass curve; give it or --key, not both")
+    if args.from_turn is not None and args.from_turn < 0:
+        ap.error("--from-turn must be a turn number, 0 or more")
+    figure = args.key if args.from_turn is None else f"mean all-pass from turn {args.from_turn}"
+    base_reports: dict[int, dict] = {}
+    lever_reports: dict[int, dict] = {}
+    base = load_group(ap, args.base, args.key, "--base", base_reports, args.from_turn)
+    lever = load_group(ap, args.lever, args.key, "--lever", lever_reports, args.from_turn)
     only = sorted(set(base) ^ set(lever), key=str)
     if not set(base) & set(lever):
         ap.error("no seed is in both groups; nothing to pair")
@@ -80,13 +160,17 @@ def main() -> int:
     if only:
         print(f"(left out, in one group only: seeds {', '.join(map(str, only))})")
     se = res["se"]
-    print(f"\n{args.key} over {res['n']} seeds: base {res['base_mean']:.3f}, lever {res['lever_mean']:.3f}; "
+    print(f"\n{figure} over {res['n']} seeds: base {res['base_mean']:.3f}, lever {res['lever_mean']:.3f}; "
           f"paired difference {res['mean_diff']:+.3f}" + (f" (SE {se:.3f})" if se is not None else " (one seed: no SE)")
           + f"; higher on {res['higher']}, equal on {res['equal']}, lower on {res['lower']}")
     if se is not None:
         inside = abs(res["mean_diff"]) < 2 * se
         print("inside two standard errors: not a finding on its own" if inside
               else "outside two standard errors")
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_groups(args.plot, {names[0]: base_reports, names[1]: lever_reports}, res["seeds"])
+        print(f"plot: {args.plot}")
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
     return 0
 

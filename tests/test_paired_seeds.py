@@ -58,3 +58,46 @@ def test_user_mistakes_are_clear_errors(tmp_path):
     for args, message in cases:
         out = _run(*args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def _curved_runs(tmp_path, name, finals):
+    """Runs with a per-evaluation curve (turns 0, 6, 12) as the replay writes it."""
+    out = []
+    for seed, final in finals.items():
+        d = tmp_path / f"{name}-{seed}"
+        d.mkdir()
+        curve = [{"turn": t, "all_pass": a, "distinct4": 0.8 - 0.05 * i}
+                 for i, (t, a) in enumerate(((0, 0.1), (6, 0.4), (12, final)))]
+        (d / "report.json").write_text(json.dumps({"seed": seed, "final_all_pass": final, "curve": curve}))
+        out.append(str(d))
+    return out
+
+
+def test_plot_draws_both_groups_and_user_mistakes_in_its_flags_are_clear(tmp_path):
+    base = _curved_runs(tmp_path, "a", {0: 0.5, 1: 0.6})
+    lever = _curved_runs(tmp_path, "b", {0: 0.7, 1: 0.6})
+    png = tmp_path / "out" / "paired.png"
+    out = _run("--base", *base, "--lever", *lever, "--plot", str(png), "--names", "default,rollouts")
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert f"plot: {png}" in out.stdout
+    for args, message in [(["--plot", str(tmp_path / "x.svg")], "ending in .png"),
+                          (["--names", "same,same"], "two distinct labels")]:
+        bad = _run("--base", *base, "--lever", *lever, *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_from_turn_compares_the_late_evaluations_not_the_last_one(tmp_path):
+    # curves (turns 0, 6, 12): base ends 0.5 / 0.6, lever 0.7 / 0.6; from turn 6 each mean also has 0.4
+    base = _curved_runs(tmp_path, "a", {0: 0.5, 1: 0.6})
+    lever = _curved_runs(tmp_path, "b", {0: 0.7, 1: 0.6})
+    out = _run("--base", *base, "--lever", *lever, "--from-turn", "6")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(res["base_mean"] - 0.475) < 1e-4 and abs(res["lever_mean"] - 0.525) < 1e-4
+    assert abs(res["mean_diff"] - 0.05) < 1e-4 and "mean all-pass from turn 6 over 2 seeds" in out.stdout
+    for args, message in [(["--from-turn", "13"], "no evaluation at turn 13 or later"),
+                          (["--from-turn", "6", "--key", "final_score"], "not both"),
+                          (["--from-turn", "-1"], "0 or more")]:
+        bad = _run("--base", *base, "--lever", *lever, *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
