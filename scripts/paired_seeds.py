@@ -30,11 +30,15 @@ import sys
 from pathlib import Path
 
 
+def _curve(r: dict, field: str) -> dict[int, float]:
+    """turn -> ``field`` of each evaluation in the report's ``curve`` that has both as numbers."""
+    return {p["turn"]: p[field] for p in r.get("curve") or []
+            if isinstance(p, dict) and isinstance(p.get("turn"), int) and isinstance(p.get(field), (int, float))}
+
+
 def late_all_pass(r: dict, from_turn: int) -> float | None:
     """Mean all-pass rate of the evaluations at ``from_turn`` and later; None if there are none."""
-    xs = [p["all_pass"] for p in r.get("curve") or []
-          if isinstance(p, dict) and isinstance(p.get("turn"), int) and p["turn"] >= from_turn
-          and isinstance(p.get("all_pass"), (int, float))]
+    xs = [a for t, a in _curve(r, "all_pass").items() if t >= from_turn]
     return statistics.mean(xs) if xs else None
 
 
@@ -86,10 +90,6 @@ def paired(base: dict[int, float], lever: dict[int, float]) -> dict:
     }
 
 
-def _curve(r: dict, field: str) -> list[tuple[int, float]]:
-    return [(p["turn"], p[field]) for p in r.get("curve", []) if isinstance(p.get(field), (int, float))]
-
-
 def plot_groups(path: Path, groups: dict[str, dict[int, dict]], seeds: list[int]) -> None:
     """All-pass and distinct-4 against turns for each group: thin lines per paired seed, a thick line
     for the mean over the seeds at each evaluated turn (turns every paired run evaluated)."""
@@ -102,13 +102,14 @@ def plot_groups(path: Path, groups: dict[str, dict[int, dict]], seeds: list[int]
     base_d4 = []
     for (name, reps), colour in zip(groups.items(), ("tab:blue", "tab:orange")):
         for ax, field in ((ax1, "all_pass"), (ax2, "distinct4")):
-            curves = [dict(_curve(reps[s], field)) for s in seeds]
+            curves = [_curve(reps[s], field) for s in seeds]
+            if field == "distinct4":
+                base_d4 += [c[0] for c in curves if 0 in c]  # each run's own turn-0 (base) figure
             for c in curves:
                 ax.plot(list(c), list(c.values()), color=colour, alpha=0.25, linewidth=0.8)
             turns = sorted(set.intersection(*(set(c) for c in curves)))
             means = [statistics.mean(c[t] for c in curves) for t in turns]
             ax.plot(turns, means, color=colour, linewidth=2.5, marker="o", label=f"{name} (mean of {len(seeds)})")
-        base_d4 += [c[0][1] for c in (_curve(reps[s], "distinct4") for s in seeds) if c and c[0][0] == 0]
     ax1.set_title("all-pass rate (eval)")
     ax1.axhline(0.8, color="grey", linestyle="--", linewidth=1)
     ax2.set_title("distinct-4 of eval replies")
