@@ -8,9 +8,12 @@ Contract:
   an empty reply.
 - The reply tokens are the *exact sampled ids* from serving, never a
   re-tokenisation of the reply text (re-tokenising shifts log-probs).
-- The OPD teacher prompt is the same prompt with the hint appended to the last
-  user message (``cfg.hint_template``), rendered with the tokenizer's chat
-  template and the generation prompt; the teacher scores the same reply ids.
+- The OPD teacher prompt is the same prompt with the hint added where
+  ``cfg.hint_placement`` says: appended to the last user message (``"user"``,
+  ``cfg.hint_template``) or to the system message (``"system"``,
+  ``SYSTEM_HINT_TEMPLATE``; a system message is added when there is none), rendered
+  with the tokenizer's chat template and the generation prompt; the teacher scores
+  the same reply ids.
 - Over-long prompts keep their *last* ``max_prompt_tokens`` ids; over-long
   replies keep their first ``max_response_tokens`` (log-probs cut alike).
 - ``quoted_positions``: when the hint quotes words ('crucial', "in summary"; straight or
@@ -29,6 +32,11 @@ from dataclasses import dataclass, field
 from companion.errors import UserError
 
 HINT_TEMPLATE = "\n\n[user's hint / instruction]\n{hint}"
+# The hint as a standing instruction in the system message (hint_placement "system"). Measured with
+# scripts/hint_adherence.py: the hinted base model meets every student preference in 0.288 of its
+# replies this way against 0.197 with HINT_TEMPLATE (docs/replay.md, Session 21).
+SYSTEM_HINT_TEMPLATE = "\n\nThe user's instruction for every reply: {hint}"
+HINT_PLACEMENTS = ("user", "system")
 # A quoted word or phrase in a hint: 'x', "x", ‘x’ or “x”, opened where no word character
 # precedes it, so the apostrophes of "don't" or "kid's" never open a quote.
 QUOTED = re.compile(r"""(?<!\w)(?:'([^'\n]{2,40})'|"([^"\n]{2,40})"|‘([^’\n]{2,40})’|“([^”\n]{2,40})”)(?!\w)""")
@@ -43,12 +51,16 @@ class SampleConfig:
     max_prompt_tokens: int = _help("Longest prompt kept (oldest tokens dropped first).", default=1536)
     max_response_tokens: int = _help("Longest reply trained on (tail dropped).", default=512)
     hint_template: str = _help("How a hint is appended to the last user message for the OPD teacher.", default=HINT_TEMPLATE)
+    hint_placement: str = _help("Where the OPD teacher sees the hint: 'user' (appended to the last user message "
+                                "with hint_template) or 'system' (appended to the system message).", default="user")
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens < 1 or self.max_response_tokens < 1:
             raise UserError("max_prompt_tokens and max_response_tokens must be at least 1.")
         if "{hint}" not in self.hint_template:
             raise UserError("hint_template must contain {hint}.")
+        if self.hint_placement not in HINT_PLACEMENTS:
+            raise UserError(f"hint_placement must be one of {', '.join(HINT_PLACEMENTS)}, not {self.hint_placement!r}.")
 
 
 @dataclass
@@ -75,9 +87,18 @@ class Sample:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def hinted_messages(messages: list[dict], hint: str, template: str = HINT_TEMPLATE) -> list[dict]:
-    """A copy of ``messages`` with the hint appended to the last user message."""
+def hinted_messages(messages: list[dict], hint: str, template: str = HINT_TEMPLATE, placement: str = "user") -> list[dict]:
+    """A copy of ``messages`` with the hint appended to the last user message (``placement`` "user",
+    with ``template``) or to the system message (``placement`` "system", with SYSTEM_HINT_TEMPLATE;
+    one is inserted first when the conversation has none)."""
     out = copy.deepcopy(list(messages))
+    if placement == "system":
+        if not out or out[0].get("role") != "system":
+            out.insert(0, {"role": "system", "content": ""})
+        out[0]["content"] = (str(out[0].get("content", "")) + SYSTEM_HINT_TEMPLATE.format(hint=hint)).strip()
+        return out
+    if placement != "user":
+        raise ValueError(f"unknown hint placement {placement!r}")
     for m in reversed(out):
         if m.get("role") == "user":
             m["content"] = str(m.get("content", "")) + template.format(hint=hint)
@@ -146,7 +167,7 @@ def build_sample(turn: dict, reward: int, hint: str | None, tokenizer, cfg: Samp
         lps = None  # a mismatched record cannot be compared token by token
     teacher = quoted = None
     if hint is not None:
-        teacher = chat_ids(tokenizer, hinted_messages(turn["messages"], hint, cfg.hint_template))
+        teacher = chat_ids(tokenizer, hinted_messages(turn["messages"], hint, cfg.hint_template, cfg.hint_placement))
         teacher = teacher[-cfg.max_prompt_tokens :]
         if reward <= 0:  # words quoted in praise are not words to avoid
             quoted = quoted_positions(tokenizer, response, quoted_phrases(hint))

@@ -62,7 +62,10 @@ def default_stages(model_path: Path, fingerprint: str = "", judge_name: str = "e
 
         tok = AutoTokenizer.from_pretrained(str(model_path))
         cfg_cls = getattr(samples, "SampleConfig", None)
-        cfg = cfg_cls() if cfg_cls is not None else None
+        # The trainer's hint_placement decides how the OPD teacher's prompt is built (the one
+        # sample setting a replay varies); checked with the rest of the overrides.
+        placement = (trainer_overrides or {}).get("hint_placement", "user")
+        cfg = cfg_cls(hint_placement=placement) if cfg_cls is not None else None
         return lambda turn, reward, hint: samples.build_sample(turn, reward, hint, tok, cfg)
 
     def trainer(user: str, checkpoint_dir: Path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from backend.samples import HINT_TEMPLATE, SampleConfig, build_sample, hinted_messages, quoted_phrases
+from backend.samples import HINT_TEMPLATE, SYSTEM_HINT_TEMPLATE, SampleConfig, build_sample, hinted_messages, quoted_phrases
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,36 @@ def test_hint_goes_to_the_last_user_message_of_the_teacher_prompt(tok):
     assert "Hi there\n\n[user's hint" not in text  # earlier user turns untouched
     assert text.rstrip().endswith("assistant")  # generation prompt, reply ids follow
     assert turn["messages"][-1]["content"] == "Tell me a fact."  # the turn itself is not mutated
+
+
+def test_system_placement_puts_the_hint_in_the_system_message_only(tok):
+    turn = _turn(tok)
+    s = build_sample(turn, -1, "Keep it under ten words.", tok, SampleConfig(hint_placement="system"))
+    text = tok.decode(s.teacher_prompt_ids)
+    assert "You are a helpful assistant." + SYSTEM_HINT_TEMPLATE.format(hint="Keep it under ten words.") in text
+    assert "[user's hint" not in text and text.count("Keep it under ten words.") == 1
+    assert text.index("Keep it under ten words.") < text.index("Hi there")  # before the conversation
+    assert s.prompt_ids == turn["prompt_ids"]  # the policy's prompt is untouched
+    assert turn["messages"][0]["content"] == "You are a helpful assistant."  # the turn is not mutated
+    # A conversation without a system message gets one holding only the hint.
+    out = hinted_messages([{"role": "user", "content": "Hi"}], "Be brief, please.", placement="system")
+    assert out == [{"role": "system", "content": "The user's instruction for every reply: Be brief, please."},
+                   {"role": "user", "content": "Hi"}]
+    from companion.errors import UserError
+
+    with pytest.raises(UserError, match="hint_placement"):
+        SampleConfig(hint_placement="middle")
+
+
+def test_the_backend_sample_stage_takes_the_trainers_hint_placement(tok, real_model_dir):
+    from backend.stages import default_stages
+
+    hint = "Keep it under ten words."
+    for overrides, system_has_hint in (({"hint_placement": "system"}, True), ({}, False)):
+        build = default_stages(real_model_dir, trainer_overrides=overrides).sample_builder()
+        text = tok.decode(build(_turn(tok), -1, hint).teacher_prompt_ids)
+        assert (SYSTEM_HINT_TEMPLATE.format(hint=hint) in text) is system_has_hint
+        assert ("[user's hint / instruction]" in text) is not system_has_hint
 
 
 def test_truncation_and_bad_input(tok):

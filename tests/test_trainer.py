@@ -554,9 +554,9 @@ def test_json_overrides_are_checked_up_front_in_one_sentence():
     from backend.trainer.config import TrainerConfigError, config_from_overrides
 
     cfg_ = config_from_overrides({"lr": 5e-4, "epochs": 3, "lora_targets": ["qkv", "proj"], "opd_center": True,
-                                  "w_opd": 1, "hint_memory": 4})
+                                  "w_opd": 1, "hint_memory": 4, "hint_placement": "system"})
     assert cfg_.lr == 5e-4 and cfg_.epochs == 3 and cfg_.lora_targets == ("qkv", "proj") and cfg_.opd_center
-    assert isinstance(cfg_.w_opd, float) and cfg_.hint_memory == 4
+    assert isinstance(cfg_.w_opd, float) and cfg_.hint_memory == 4 and cfg_.hint_placement == "system"
     assert config_from_overrides({"lr": None}).learning_rate == 3e-4
     for bad, message in (({"hint_memroy": 2}, "unknown trainer setting 'hint_memroy' (did you mean 'hint_memory'?)."),
                          ({"zzz": 1}, "unknown trainer setting 'zzz'."),
@@ -566,7 +566,8 @@ def test_json_overrides_are_checked_up_front_in_one_sentence():
                          ({"w_rl": True}, "trainer setting 'w_rl' must be a number, not true."),
                          ({"mode": 3}, "trainer setting 'mode' must be text, not 3."),
                          ({"lora_targets": "qkv"}, "trainer setting 'lora_targets' must be a list of names, not \"qkv\"."),
-                         ({"hint_memory": -1}, "hint_memory must be 0 (off) or positive.")):
+                         ({"hint_memory": -1}, "hint_memory must be 0 (off) or positive."),
+                         ({"hint_placement": "middle"}, "hint_placement must be 'user' or 'system'.")):
         with pytest.raises(TrainerConfigError) as err:
             config_from_overrides(bad)
         assert str(err.value) == message

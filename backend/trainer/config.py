@@ -123,6 +123,12 @@ class TrainerConfig:
         "Which samples 'hint_memory' gives the remembered hints: 'hinted' (only those with a hint of their own: "
         "the OPD term keeps its samples and gains the earlier corrections) or 'all' (a praised reply or a vague "
         "complaint gets the OPD term too).", default="hinted")
+    hint_placement: str = _help(
+        "Where the OPD teacher sees the hint: 'user' (appended to the last user message, the paper's way) or "
+        "'system' (a standing instruction at the end of the system message). Only the teacher's prompt changes; "
+        "applied by the sample stage (backend/stages.py). The hinted base model meets every student preference "
+        "in 0.288 of its replies with 'system' against 0.197 with 'user' (scripts/hint_adherence.py; "
+        "docs/replay.md, Session 21).", default="user")
     loss_agg: str = _help(
         "How token losses are averaged: 'token' (every reply token of a minibatch weighs the same, so long "
         "replies dominate) or 'sample' (each reply's tokens are averaged first, then the replies: a short "
@@ -188,6 +194,7 @@ class TrainerConfig:
              "opd_rollouts must be >= 0, rollout_tokens and rollout_buffer at least 1."),
             (0 <= self.rollout_max_repeat <= 1, "rollout_max_repeat must be in [0, 1]."),
             (self.hint_memory_scope in ("hinted", "all"), "hint_memory_scope must be 'hinted' or 'all'."),
+            (self.hint_placement in ("user", "system"), "hint_placement must be 'user' or 'system'."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
             (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),
             (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),
