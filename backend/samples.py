@@ -34,7 +34,8 @@ from companion.errors import UserError
 HINT_TEMPLATE = "\n\n[user's hint / instruction]\n{hint}"
 # The hint as a standing instruction in the system message (hint_placement "system"). Measured with
 # scripts/hint_adherence.py: the hinted base model meets every student preference in 0.288 of its
-# replies this way against 0.197 with HINT_TEMPLATE (docs/replay.md, Session 21).
+# replies this way against 0.197 with HINT_TEMPLATE, yet the student replay learned no more from it
+# (docs/replay.md, Session 21), so "user" stays the default.
 SYSTEM_HINT_TEMPLATE = "\n\nThe user's instruction for every reply: {hint}"
 HINT_PLACEMENTS = ("user", "system")
 # A quoted word or phrase in a hint: 'x', "x", ‘x’ or “x”, opened where no word character

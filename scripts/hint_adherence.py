@@ -16,6 +16,7 @@ Placements (``--placements``; ``append`` is the shipped ``HINT_TEMPLATE``):
   append-plain   the last user message + "\\n\\n{hint}"
   prepend        "{hint}\\n\\n" + the last user message
   system         the system prompt + "\\n\\nThe user's instruction for every reply: {hint}"
+                 (``backend.samples.SYSTEM_HINT_TEMPLATE``, ``hint_placement`` "system")
 
 Usage: .venv/bin/python scripts/hint_adherence.py [--persona student] [--tasks 24] [--samples 2]
 Prints a table, then ONE JSON line: {placement: {"n", "all_pass", "score", per preference rate}}
@@ -38,21 +39,21 @@ PLACEMENTS = ("append", "append-plain", "prepend", "system")
 
 
 def placed(messages: list[dict], hint: str, placement: str) -> list[dict]:
-    """``messages`` with ``hint`` placed as ``placement`` says (a copy)."""
-    from backend.samples import HINT_TEMPLATE
+    """``messages`` with ``hint`` placed as ``placement`` says (a copy). "append" and "system" are
+    built by ``backend.samples.hinted_messages``, the trainer's own builder, so the probe measures
+    exactly the prompts ``hint_placement`` "user" and "system" give the OPD teacher."""
+    from backend.samples import hinted_messages
 
+    if placement == "append":
+        return hinted_messages(messages, hint, placement="user")
+    if placement == "system":
+        return hinted_messages(messages, hint, placement="system")
     out = copy.deepcopy(messages)
     last_user = next(m for m in reversed(out) if m["role"] == "user")
-    if placement == "append":
-        last_user["content"] += HINT_TEMPLATE.format(hint=hint)
-    elif placement == "append-plain":
+    if placement == "append-plain":
         last_user["content"] += f"\n\n{hint}"
     elif placement == "prepend":
         last_user["content"] = f"{hint}\n\n{last_user['content']}"
-    elif placement == "system":
-        if out[0]["role"] != "system":
-            out.insert(0, {"role": "system", "content": ""})
-        out[0]["content"] = (out[0]["content"] + f"\n\nThe user's instruction for every reply: {hint}").strip()
     else:
         raise ValueError(f"unknown placement {placement!r}")
     return out

@@ -127,8 +127,9 @@ class TrainerConfig:
         "Where the OPD teacher sees the hint: 'user' (appended to the last user message, the paper's way) or "
         "'system' (a standing instruction at the end of the system message). Only the teacher's prompt changes; "
         "applied by the sample stage (backend/stages.py). The hinted base model meets every student preference "
-        "in 0.288 of its replies with 'system' against 0.197 with 'user' (scripts/hint_adherence.py; "
-        "docs/replay.md, Session 21).", default="user")
+        "in 0.288 of its replies with 'system' against 0.197 with 'user' (scripts/hint_adherence.py), but the "
+        "student replay does not learn more from it: 0.571 against 0.609 over turns 24-36 on eight paired seeds, "
+        "behind on five (docs/replay.md, Session 21). Kept as an option, off.", default="user")
     loss_agg: str = _help(
         "How token losses are averaged: 'token' (every reply token of a minibatch weighs the same, so long "
         "replies dominate) or 'sample' (each reply's tokens are averaged first, then the replies: a short "
