@@ -59,12 +59,13 @@ def default_stages(model_path: Path, fingerprint: str = "", judge_name: str = "e
         from transformers import AutoTokenizer
 
         import backend.samples as samples
+        from backend.trainer.config import config_from_overrides
 
         tok = AutoTokenizer.from_pretrained(str(model_path))
         cfg_cls = getattr(samples, "SampleConfig", None)
         # The trainer's hint_placement decides how the OPD teacher's prompt is built (the one
-        # sample setting a replay varies); checked with the rest of the overrides.
-        placement = (trainer_overrides or {}).get("hint_placement", "user")
+        # sample setting a replay varies); its default and check live in TrainerConfig.
+        placement = config_from_overrides(trainer_overrides or {}).hint_placement
         cfg = cfg_cls(hint_placement=placement) if cfg_cls is not None else None
         return lambda turn, reward, hint: samples.build_sample(turn, reward, hint, tok, cfg)
 

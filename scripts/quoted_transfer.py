@@ -155,9 +155,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from companion.errors import UserError
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from companion.errors import run_script
+
+    run_script(main)

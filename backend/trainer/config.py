@@ -13,6 +13,7 @@ import difflib
 import json
 from dataclasses import MISSING, dataclass, field, fields
 
+from backend.samples import HINT_PLACEMENTS
 from companion.errors import UserError
 
 
@@ -195,7 +196,7 @@ class TrainerConfig:
              "opd_rollouts must be >= 0, rollout_tokens and rollout_buffer at least 1."),
             (0 <= self.rollout_max_repeat <= 1, "rollout_max_repeat must be in [0, 1]."),
             (self.hint_memory_scope in ("hinted", "all"), "hint_memory_scope must be 'hinted' or 'all'."),
-            (self.hint_placement in ("user", "system"), "hint_placement must be 'user' or 'system'."),
+            (self.hint_placement in HINT_PLACEMENTS, "hint_placement must be 'user' or 'system'."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
             (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),
             (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),
