@@ -464,6 +464,46 @@ def test_repetition_guard_refuses_and_restores_exactly(tiny_model_dir, tmp_path)
     assert all(float(t.abs().max()) == 0 for k, t in tr.export_delta().tensors.items() if "lora_B" in k)
 
 
+def test_serve_ema_exports_the_average_and_trains_exactly_as_without_it(tiny_model_dir, tmp_path):
+    samples_of = lambda tr: fixed_samples(tr.tokenizer)  # noqa: E731
+    plain = Trainer(cfg(lr=1e-2, delta_dtype="fp32"), model_path=tiny_model_dir)
+    avg = Trainer(cfg(lr=1e-2, delta_dtype="fp32", serve_ema=0.5), model_path=tiny_model_dir,
+                  checkpoint_dir=tmp_path)
+    w0 = {n: p.detach().clone() for n, p in plain.trainable.items()}
+    plain.update(samples_of(plain))
+    avg.update(samples_of(avg))
+    w1 = {n: p.detach().clone() for n, p in plain.trainable.items()}
+    delta1 = avg.export_delta()
+    plain.update(samples_of(plain))
+    avg.update(samples_of(avg))
+    w2 = {n: p.detach().clone() for n, p in plain.trainable.items()}
+    # training, and exporting, never see the average: the trained weights are the plain run's
+    assert all(torch.equal(p, avg.trainable[n]) for n, p in plain.trainable.items())
+    resumed = Trainer(cfg(lr=1e-2, delta_dtype="fp32", serve_ema=0.5), model_path=tiny_model_dir,
+                      checkpoint_dir=tmp_path)  # the average is checkpointed
+
+    def exported(weights):  # what the plain trainer exports when it holds these weights
+        with plain._holding(weights):
+            return plain.export_delta().tensors
+
+    want1 = exported({n: 0.5 * w0[n] + 0.5 * w1[n] for n in w0})
+    assert all(torch.allclose(delta1.tensors[k], want1[k], atol=1e-6) for k in want1)
+    want2 = exported({n: 0.25 * w0[n] + 0.25 * w1[n] + 0.5 * w2[n] for n in w0})
+    for tr in (avg, resumed):
+        served = tr.export_delta().tensors
+        assert served.keys() == want2.keys()
+        assert all(torch.allclose(served[k], want2[k], atol=1e-6) for k in want2)
+    b = next(k for k in served if "lora_B" in k)
+    assert not torch.allclose(served[b], exported(w2)[b])  # the average is not the newest trained weights
+
+
+def test_serve_ema_keeps_its_average_when_the_guard_refuses(tiny_model_dir):
+    tr = _LoopingProbe(cfg(repetition_guard=True, lr=1e-2, serve_ema=0.5), model_path=tiny_model_dir)
+    served = {n: t.clone() for n, t in tr._served.items()}
+    assert not tr.update(fixed_samples(tr.tokenizer)).accepted
+    assert all(torch.equal(t, served[n]) for n, t in tr._served.items())
+
+
 def test_length_guard_refuses_a_collapse_to_empty_replies(tiny_model_dir):
     tr = _ShrinkingProbe(cfg(repetition_guard=True, lr=1e-2), model_path=tiny_model_dir)
     params = {n: p.detach().clone() for n, p in tr.trainable.items()}

@@ -137,6 +137,13 @@ class TrainerConfig:
         "praised reply counts as much as a long criticised one). 'sample' is the default: on the student replay "
         "it ended at all-pass 0.615 on average over 3 seeds against 0.462 for 'token', with less repetition "
         "(docs/replay.md, Session 4).", default="sample")
+    serve_ema: float = _help(
+        "Serve an average of the trained weights (0 = off): after every accepted update the served weights "
+        "become serve_ema * served + (1 - serve_ema) * trained, starting from the base, and only they are "
+        "exported; training continues from the trained weights (Polyak averaging of the iterates). Aimed at "
+        "the student replay's swings of +-0.15 all-pass between evaluations and its transient greedy loops, "
+        "which came and went with single updates. LoRA averages each factor, which matches averaging the "
+        "product B A up to second-order terms while the factors move little per update.", default=0.0)
     baseline: str = _help("Reward centering: 'ema' (running mean of rewards subtracted) or 'none'.", default="ema")
     baseline_momentum: float = _help("EMA momentum of the reward baseline, per sample.", default=0.9)
     kl_coef: float = _help(
@@ -200,6 +207,7 @@ class TrainerConfig:
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
             (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),
             (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),
+            (0 <= self.serve_ema < 1, "serve_ema must be in [0, 1)."),
             (self.kl_coef >= 0 and self.entropy_coef >= 0 and self.entropy_floor >= 0, "kl_coef, entropy_coef and entropy_floor must be >= 0."),
             (self.dtype in ("bf16", "fp32"), "dtype must be 'bf16' or 'fp32'."),
             (self.delta_dtype in ("bf16", "fp32"), "delta_dtype must be 'bf16' or 'fp32'."),

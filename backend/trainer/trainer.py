@@ -37,6 +37,9 @@ With ``opd_rollouts`` = k the batch also holds up to k greedy replies the curren
 update) to corrected prompts: the batch's hinted ones first, then a seeded pick of earlier ones (newest
 ``rollout_buffer`` kept, checkpointed). Each is a :class:`Rollout`: reward 0, so only the OPD term
 (teacher = the policy with that prompt's hint) gives it advantage; it never enters the reward baseline.
+With ``serve_ema`` = m > 0 the exported (served) weights are an average of the trained ones: after every accepted
+update served <- m * served + (1 - m) * trained, from the initial weights (checkpointed); training, the guards,
+the teacher and rollouts all use the trained weights. A refused update leaves the average as it was.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +175,8 @@ class Trainer:
         self._variety_base: float | None = None  # their pooled distinct-4 share under the frozen base
         self._praised: list[dict] = []  # newest replay_buffer praised replies: turn_id, user, prompt_ids, response_ids
         self._hinted: list[dict] = []  # newest rollout_buffer corrected prompts: turn_id, user, prompt_ids, teacher_prompt_ids, ...
+        # serve_ema: the average of the trained weights that is exported (None = export the trained weights)
+        self._served: dict[str, torch.Tensor] | None = self._trained_copy() if cfg.serve_ema > 0 else None
         if self.checkpoint_dir is not None:
             self._resume()
 
@@ -225,24 +230,24 @@ class Trainer:
         """Context in which the model is the frozen base policy."""
         if self.cfg.mode == "lora":
             return lora_disabled(self.model)
-        trainer = self
+        return self._holding(self._base_state)
 
-        class _Swap:
-            def __enter__(self):
-                # The copies below are in place: they invalidate any autograd graph built on the
-                # weights before, so update() counts swaps and never backpropagates through one.
-                trainer._weight_swaps += 1
-                self.saved = {n: p.detach().clone() for n, p in trainer.trainable.items()}
-                with torch.no_grad():
-                    for n, p in trainer.trainable.items():
-                        p.copy_(trainer._base_state[n])
-
-            def __exit__(self, *exc):
-                with torch.no_grad():
-                    for n, p in trainer.trainable.items():
-                        p.copy_(self.saved[n])
-
-        return _Swap()
+    @contextmanager
+    def _holding(self, weights: dict[str, torch.Tensor]):
+        """Context in which the trainable parameters hold ``weights``; the trained ones come back on exit."""
+        # The copies are in place: they invalidate any autograd graph built on the weights before,
+        # so update() counts swaps and never backpropagates through one.
+        self._weight_swaps += 1
+        saved = self._trained_copy()
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(weights[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.trainable.items():
+                    p.copy_(saved[n])
 
     def _collate(self, pairs: list[tuple[list[int], list[int]]]):
         """(prompt, reply) pairs -> right-padded ids [b, L], targets [b, L-1], reply mask [b, L-1]."""
@@ -782,6 +787,7 @@ class Trainer:
             self._probe_rep = (rep_after, len_after)
         if report["accepted"]:
             self._update_baseline(samples)
+            self._average_served()
         self._remember_praised(judged)  # the person's praise stands even when the guard refused the update
         self._remember_hinted(judged)  # as do their corrections
         self.version += 1
@@ -801,18 +807,34 @@ class Trainer:
         if self.version < 1:
             raise ValueError("nothing to export: no update has been made yet (version 0 is the base model)")
         meta = {"base_fingerprint": self.fingerprint, "base_model": str(self.model_path), "trainer_step": self.step}
-        if self.cfg.mode == "lora":
-            dtype = torch.bfloat16 if self.cfg.delta_dtype == "bf16" else torch.float32
-            tensors = lora_tensors(self.model, self.shape, dtype)
-            meta.update(lora_r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, absolute="1")
-            return Delta(self.version, self.version - 1, "lora", tensors, meta)
-        tensors = full_tensors(self.model, self.shape)
-        meta.update(absolute="1")
-        return Delta(self.version, self.version - 1, "full", tensors, meta)
+        with self._served_weights():
+            if self.cfg.mode == "lora":
+                dtype = torch.bfloat16 if self.cfg.delta_dtype == "bf16" else torch.float32
+                tensors = lora_tensors(self.model, self.shape, dtype)
+                meta.update(lora_r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha, absolute="1")
+                return Delta(self.version, self.version - 1, "lora", tensors, meta)
+            tensors = full_tensors(self.model, self.shape)
+            meta.update(absolute="1")
+            return Delta(self.version, self.version - 1, "full", tensors, meta)
+
+    def _trained_copy(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.trainable.items()}
+
+    def _average_served(self) -> None:
+        """serve_ema: served <- m * served + (1 - m) * trained (after an accepted update)."""
+        if self._served is None:
+            return
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                self._served[n].mul_(self.cfg.serve_ema).add_(p.detach(), alpha=1.0 - self.cfg.serve_ema)
+
+    def _served_weights(self):
+        """Context in which the model holds the weights it serves (the serve_ema average, else the trained)."""
+        return nullcontext() if self._served is None else self._holding(self._served)
 
     def _state(self) -> dict:
         return {
-            "trainable": {n: p.detach().clone() for n, p in self.trainable.items()},
+            "trainable": self._trained_copy(), "served": self._served,
             "optimizer": self.optimizer.state_dict(),
             "version": self.version, "step": self.step, "baseline": self.baseline, "n_rewards": self.n_rewards,
             "probe_prompts": self._probe_prompts, "probe_rep": self._probe_rep, "praised": self._praised,
@@ -856,4 +878,6 @@ class Trainer:
         self._hinted = list(state.get("hinted") or [])
         self._variety_prompts = state.get("variety_prompts") or []
         self._variety_base = state.get("variety_base")
+        if self._served is not None:  # a checkpoint from before serve_ema was on starts its average here
+            self._served = state.get("served") or self._trained_copy()
         self.resumed_from = self.version
