@@ -141,9 +141,12 @@ class TrainerConfig:
         "Serve an average of the trained weights (0 = off): after every accepted update the served weights "
         "become serve_ema * served + (1 - serve_ema) * trained, starting from the base, and only they are "
         "exported; training continues from the trained weights (Polyak averaging of the iterates). Aimed at "
-        "the student replay's swings of +-0.15 all-pass between evaluations and its transient greedy loops, "
-        "which came and went with single updates. LoRA averages each factor, which matches averaging the "
-        "product B A up to second-order terms while the factors move little per update.", default=0.0)
+        "the student replay's swings between evaluations and its transient greedy loops. Measured "
+        "(docs/replay.md, Session 22): 0.5 alone is slower (seeds 0 and 1: 0.462 and 0.462 against 0.615 and "
+        "0.769); 0.5 with lr 6e-4 is the default again (0.567 against 0.587 on eight paired seeds) where lr 6e-4 "
+        "alone breaks the run (0.327 on seeds 0-3). Kept as an option, off. LoRA averages each factor, which "
+        "matches averaging the product B A up to second-order terms while the factors move little per update.",
+        default=0.0)
     baseline: str = _help("Reward centering: 'ema' (running mean of rewards subtracted) or 'none'.", default="ema")
     baseline_momentum: float = _help("EMA momentum of the reward baseline, per sample.", default=0.9)
     kl_coef: float = _help(
