@@ -158,7 +158,7 @@ class Trainer:
             self._check_full_delta_fits()
             if cfg.kl_coef > 0 or cfg.teacher == "base" or cfg.guard_variety_drop > 0:
                 # A frozen copy of the base weights, swapped in for base-policy passes.
-                self._base_state = {n: p.detach().clone() for n, p in self.trainable.items()}
+                self._base_state = self._trained_copy()
         self.optimizer = torch.optim.AdamW(
             list(self.trainable.values()), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
             weight_decay=cfg.weight_decay,
@@ -686,8 +686,7 @@ class Trainer:
             guard_s += time.perf_counter() - tg
         snapshot = None
         if guard_prompts or variety:
-            snapshot = ({n: p.detach().clone() for n, p in self.trainable.items()},
-                        copy.deepcopy(self.optimizer.state_dict()))
+            snapshot = (self._trained_copy(), copy.deepcopy(self.optimizer.state_dict()))
         # --- PPO epochs
         for group in self.optimizer.param_groups:  # set every update: a guard rollback reloads the old groups
             group["lr"] = self.current_lr()
@@ -818,6 +817,7 @@ class Trainer:
             return Delta(self.version, self.version - 1, "full", tensors, meta)
 
     def _trained_copy(self) -> dict[str, torch.Tensor]:
+        """A detached copy of every trainable parameter (name -> tensor)."""
         return {n: p.detach().clone() for n, p in self.trainable.items()}
 
     def _average_served(self) -> None:
