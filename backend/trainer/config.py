@@ -143,8 +143,8 @@ class TrainerConfig:
         "exported; training continues from the trained weights (Polyak averaging of the iterates). Aimed at "
         "the student replay's swings between evaluations and its transient greedy loops. Measured "
         "(docs/replay.md, Session 22): 0.5 alone is slower (seeds 0 and 1: 0.462 and 0.462 against 0.615 and "
-        "0.769); 0.5 with lr 6e-4 is the default again (0.567 against 0.587 on eight paired seeds) where lr 6e-4 "
-        "alone breaks the run (0.327 on seeds 0-3). Kept as an option, off. LoRA averages each factor, which "
+        "0.769); 0.5 with lr 6e-4 is the default again (0.567 against 0.587 on eight paired seeds; lr 6e-4 alone "
+        "0.510, two seeds collapsed). Kept as an option, off. LoRA averages each factor, which "
         "matches averaging the product B A up to second-order terms while the factors move little per update.",
         default=0.0)
     baseline: str = _help("Reward centering: 'ema' (running mean of rewards subtracted) or 'none'.", default="ema")
