@@ -122,6 +122,56 @@ def test_quoted_words_get_the_unlikelihood_term_in_the_update(tiny_model_dir):
     assert rep1.loss_first == pytest.approx(rep0.loss_first + 2.0 * ul, rel=1e-5)
 
 
+def test_token_match_moves_a_token_by_p_minus_the_teachers_p():
+    from backend.trainer import loss as L
+
+    # One position, the written token at p = 0.9, the teacher's p_T = 0.45: d/dlogit is p - p_T = 0.45
+    # (the PPO term with the same log-ratio as advantage gives A (1 - p), about 0.07); at p == p_T the
+    # term and its gradient are 0, so the push cannot overshoot the teacher.
+    logits = torch.tensor([[[4.0, 0.0, 0.0, 0.0]]])
+    logits[0, 0, 1:] = torch.log(torch.tensor(0.1 / 3)) + 4.0 - torch.log(torch.tensor(0.9))
+    logits.requires_grad_(True)
+    lp = torch.log_softmax(logits, -1)[..., 0]  # [1, 1]
+    t_lp = torch.log(torch.tensor([0.45]))
+    (g,) = torch.autograd.grad(L.token_match(lp[0], t_lp, torch.ones(1)), logits, retain_graph=True)
+    assert float(g[0, 0, 0]) == pytest.approx(0.45, abs=1e-4)
+    (g_pg,) = torch.autograd.grad(L.ppo_loss(lp[0], lp[0].detach(), t_lp - lp[0].detach(), torch.ones(1), 0.2, 0.2)[0], logits)
+    assert float(g_pg[0, 0, 0]) == pytest.approx(-0.1 * float(torch.log(torch.tensor(0.5))), abs=1e-4)  # -A (1 - p)
+    same = lp[0].detach().clone().requires_grad_(True)
+    zero = L.token_match(same, same.detach(), torch.ones(1))
+    (g0,) = torch.autograd.grad(zero, same)
+    assert abs(float(zero)) < 1e-6 and abs(float(g0[0])) < 1e-6
+
+
+def test_token_match_term_in_the_update_covers_hinted_replies_only(tiny_model_dir):
+    # Six +1 updates on a reply first raise its tokens above the frozen base's (the teacher here);
+    # then one update on that reply, criticised with a hint, beside an unhinted praised reply, with and
+    # without w_token_match: the first loss differs by exactly w * the hinted reply's mean KL (the
+    # praised reply adds nothing), and the term pulls the hinted tokens further toward the teacher.
+    def run(w):
+        tr = Trainer(cfg(mode="full", lr=1e-3, teacher="base", w_opd=0.0, w_token_match=w), model_path=tiny_model_dir)
+        praised, hinted = fixed_samples(tr.tokenizer)
+        praised = Sample(**{**praised.to_dict(), "reward": 1})
+        raised = Sample(**{**hinted.to_dict(), "reward": 1, "hint": None, "teacher_prompt_ids": None})
+        for _ in range(6):
+            tr.update([raised])
+        with tr._base_ctx():
+            teacher, _, _ = tr._score([(hinted.teacher_prompt_ids, hinted.response_ids)])
+        old, _, _ = tr._score([(hinted.prompt_ids, hinted.response_ids)])
+        rep = tr.update([praised, hinted])
+        new, _, _ = tr._score([(hinted.prompt_ids, hinted.response_ids)])
+        return teacher, old, new, rep
+
+    _, _, new0, rep0 = run(0.0)
+    teacher, old, new1, rep1 = run(2.0)
+    p, pt = old.exp(), teacher.exp()
+    kl = pt * (pt.log() - old) + (1 - pt) * (torch.log1p(-pt) - torch.log1p(-p))
+    assert float(kl.mean()) > 1e-5  # the +1 updates moved the policy away from the teacher
+    # (a float32 loss of order 1: 2e-7 is its rounding, 100x below the term; halved or dropped, it fails)
+    assert rep1.loss_first == pytest.approx(rep0.loss_first + 2.0 * float(kl.mean()), abs=2e-7)
+    assert float((teacher - new1).abs().mean()) < float((teacher - new0).abs().mean())
+
+
 def test_topk_opd_follows_the_teacher_distribution(tiny_model_dir):
     from backend.trainer import loss as L
 

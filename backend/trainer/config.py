@@ -94,6 +94,14 @@ class TrainerConfig:
         "A * (1 - p) per unit of advantage, almost nothing for a word the model is sure of; this term pushes by "
         "about p. Only words the person quoted and the reply contains (backend.samples.quoted_positions).",
         default=0.0)
+    w_token_match: float = _help(
+        "Weight of the token-match term (0 = off): on every token of a hinted reply, the Bernoulli KL between the "
+        "hinted teacher's probability p_T of that token and the policy's p, "
+        "p_T log(p_T / p) + (1 - p_T) log((1 - p_T) / (1 - p)). Its gradient on the token's logit is p - p_T: "
+        "a word the model is sure of (p 0.9) that the hint halves is pushed by 0.45, where the OPD term pushes by "
+        "A (1 - p), about 0.06, and the push stops where p reaches the teacher's p_T (the OPD advantage stays "
+        "fixed for the whole update). Sampled tokens only, unlike top-k OPD ('opd_topk'). Uses the teacher "
+        "the OPD term uses ('teacher', 'hint_placement').", default=0.0)
     opd_rollouts: int = _help(
         "On-policy OPD rollouts (0 = off): in every update the current policy writes up to this many greedy "
         "replies (before the update, at most 'rollout_tokens' tokens) to prompts that were corrected: the batch's "
@@ -201,6 +209,7 @@ class TrainerConfig:
              "replay_praised must be >= 0, replay_buffer at least 1 and w_replay >= 0."),
             (self.w_hindsight >= 0, "w_hindsight must be >= 0."),
             (self.w_quoted >= 0, "w_quoted must be >= 0."),
+            (self.w_token_match >= 0, "w_token_match must be >= 0."),
             (self.hint_memory >= 0, "hint_memory must be 0 (off) or positive."),
             (self.opd_rollouts >= 0 and self.rollout_tokens >= 1 and self.rollout_buffer >= 1,
              "opd_rollouts must be >= 0, rollout_tokens and rollout_buffer at least 1."),

@@ -33,6 +33,8 @@ With ``w_hindsight`` > 0 every judged +1 sample that carries ``hindsight_prompt_
 backend/hindsight.py) is also trained on that prompt with A_t = w_hindsight (a :class:`HindsightReply`).
 With ``w_quoted`` > 0 the loss also has w_quoted * mean(-log(1 - p_t)) over the reply tokens where a
 word the hint quotes starts (``Sample.quoted_positions``), per minibatch that has any.
+With ``w_token_match`` > 0 it also has w_token_match * KL(Bernoulli(p_T) || Bernoulli(p)) of each sampled token of
+a hinted reply (teacher's against the policy's probability of that token; same per-reply averaging as the PPO term).
 With ``opd_rollouts`` = k the batch also holds up to k greedy replies the current policy writes (before the
 update) to corrected prompts: the batch's hinted ones first, then a seeded pick of earlier ones (newest
 ``rollout_buffer`` kept, checkpointed). Each is a :class:`Rollout`: reward 0, so only the OPD term
@@ -609,7 +611,7 @@ class Trainer:
         samples = samples + replayed + hindsight + rollouts
         pairs = [(s.prompt_ids, s.response_ids) for s in samples]
         hinted = [i for i, s in enumerate(samples) if s.teacher_prompt_ids is not None]
-        use_opd = bool(hinted) and cfg.w_opd > 0
+        use_opd = bool(hinted) and (cfg.w_opd > 0 or cfg.w_token_match > 0)  # both need the teacher's log-probs
         # --- fixed quantities for this update: old / teacher / base log-probs
         # The first minibatch of the first epoch runs on exactly the weights the old log-probs are
         # defined on, so its (grad-enabled) forward doubles as their scoring pass: one forward of
@@ -700,6 +702,10 @@ class Trainer:
                     if t < lens[i]:
                         quoted[offs[i] + t] = 1.0
         n_quoted = int(quoted.sum())
+        matched = torch.zeros(n_tok)  # [n_tok] 1 on the tokens of hinted replies (w_token_match)
+        if cfg.w_token_match > 0 and teacher_lp is not None:
+            for i in hinted:
+                matched[offs[i] : offs[i] + lens[i]] = 1.0
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
         for _epoch in range(cfg.epochs):
             for a in range(0, len(samples), mb):
@@ -725,6 +731,8 @@ class Trainer:
                         cfg.opd_topk_clip, cfg.eps_low, cfg.eps_high)
                 if n_quoted and quoted[s0:s1].any():
                     loss = loss + cfg.w_quoted * L.unlikelihood(lp, quoted[s0:s1])
+                if matched[s0:s1].any():
+                    loss = loss + cfg.w_token_match * L.token_match(lp, teacher_lp[s0:s1], matched[s0:s1] * mask)
                 if base_lp is not None:
                     kl = L.kl_k3(lp, base_lp[s0:s1], mask)
                     loss = loss + cfg.kl_coef * kl
