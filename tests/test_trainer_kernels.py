@@ -62,3 +62,26 @@ def test_sdpa_attention_matches_megatron_dot_product_attention():
         gr = torch.autograd.grad(out_ref.square().sum(), (q, k, v))
         gn = torch.autograd.grad(out_new.square().sum(), (q, k, v))
         assert all(torch.allclose(a, c, atol=1e-4) for a, c in zip(gr, gn))
+
+
+def test_the_private_rendezvous_folder_is_removed_when_the_process_exits(tmp_path):
+    # Every trainer process (the backend, each test worker) starts a world of one through a file store
+    # in a fresh folder; before this was cleaned up, /tmp kept one empty folder per process.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import tempfile, torch.distributed as dist\n"
+            "from backend.trainer.dist import init_parallel\n"
+            "init_parallel(1)\n"
+            "import glob; print([d for d in glob.glob(tempfile.gettempdir() + '/companion-dist-*')][0])\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(var, None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert res.returncode == 0, res.stderr[-2000:]
+    folder = res.stdout.strip().splitlines()[-1]
+    assert folder.startswith(str(tmp_path)) and "companion-dist-" in folder
+    assert not os.path.exists(folder)
+    assert not list(tmp_path.glob("companion-dist-*"))

@@ -6,7 +6,7 @@ Contract:
   ``WORLD_SIZE`` / ``MASTER_ADDR`` in the environment) it joins that group;
   otherwise it starts a world of one with a private ``file://`` rendezvous in a
   fresh temporary folder, so several processes (or test workers) never clash on a
-  port.
+  port; the folder is removed when the process exits.
 - Already-initialised state is reused; asking for another TP degree than the one
   in place raises :class:`ParallelError` (megatron's state is process-global).
 - Only tensor parallelism is supported: world size must equal ``tp`` (data
@@ -15,7 +15,9 @@ Contract:
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -42,6 +44,9 @@ def init_parallel(tp: int = 1, seed: int = 1234) -> None:
             dist.init_process_group(backend=backend)
         else:
             folder = tempfile.mkdtemp(prefix="companion-dist-")
+            # the store's file lives as long as the process group; removed at exit so that every
+            # trainer process (the backend, each test worker) does not leave a folder behind
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
             dist.init_process_group(
                 backend=backend, init_method=f"file://{folder}/rendezvous", world_size=1, rank=0
             )
