@@ -99,7 +99,7 @@ class TrainerConfig:
         "hinted teacher's probability p_T of that token and the policy's p, "
         "p_T log(p_T / p) + (1 - p_T) log((1 - p_T) / (1 - p)). Its gradient on the token's logit is p - p_T: "
         "a word the model is sure of (p 0.9) that the hint halves is pushed by 0.45, where the OPD term pushes by "
-        "A (1 - p), about 0.06, and the push stops where p reaches the teacher's p_T (the OPD advantage stays "
+        "A (1 - p), about 0.07, and the push stops where p reaches the teacher's p_T (the OPD advantage stays "
         "fixed for the whole update). Sampled tokens only, unlike top-k OPD ('opd_topk'). Uses the teacher "
         "the OPD term uses ('teacher', 'hint_placement'). Off: on the student replay at 1.0 it ended lower over "
         "turns 24-36 (0.551 against 0.609 on eight paired seeds, SE 0.021) without fewer filler words (docs/replay.md, "

@@ -106,8 +106,9 @@ def unlikelihood(logp, mask):
 
 def token_match(logp, teacher_logp, mask):
     """Mean over ``mask`` of the Bernoulli KL(p_T || p) of each sampled token ([n] log-probs): the policy's
-    probability p of the token it wrote against the teacher's p_T. d/dlogit of the token = p - p_T, so
-    a confident token is moved as hard as an unsure one, and not past the teacher's probability."""
+    probability p of the token it wrote against the teacher's p_T. d/dlogit of the token = p - p_T: the
+    gap alone sets the push, however sure the policy is (the PPO term's A (1 - p) fades as p -> 1),
+    and it stops at the teacher's probability."""
     p = logp.exp().clamp(max=1 - 1e-6)
     pt = teacher_logp.exp().clamp(1e-6, 1 - 1e-6)
     kl = pt * (pt.log() - logp) + (1 - pt) * (torch.log1p(-pt) - torch.log1p(-p))
