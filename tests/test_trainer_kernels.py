@@ -1,7 +1,13 @@
 """The trainer's two CPU speed pieces compute exactly what they replace: SDPA core attention
-(vs megatron's DotProductAttention) and the LoRA factor product's hand-written backward."""
+(vs megatron's DotProductAttention) and the LoRA factor product's hand-written backward; and the
+process group's private rendezvous folder (``init_parallel``) does not outlive the process."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +17,7 @@ from backend.trainer.dist import init_parallel
 from backend.trainer.lora import _SkinnyLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("shape", [(7, 5, 3), (7, 3, 11)])  # (N, in, out): w = A [r, in] / B [out, r]
@@ -67,19 +74,13 @@ def test_sdpa_attention_matches_megatron_dot_product_attention():
 def test_the_private_rendezvous_folder_is_removed_when_the_process_exits(tmp_path):
     # Every trainer process (the backend, each test worker) starts a world of one through a file store
     # in a fresh folder; before this was cleaned up, /tmp kept one empty folder per process.
-    import os
-    import subprocess
-    import sys
-
-    code = ("import tempfile, torch.distributed as dist\n"
+    code = ("import glob, tempfile\n"
             "from backend.trainer.dist import init_parallel\n"
             "init_parallel(1)\n"
-            "import glob; print([d for d in glob.glob(tempfile.gettempdir() + '/companion-dist-*')][0])\n")
-    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
-        env.pop(var, None)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+            "print(glob.glob(tempfile.gettempdir() + '/companion-dist-*')[0])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR")}
+    env.update(TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     folder = res.stdout.strip().splitlines()[-1]
     assert folder.startswith(str(tmp_path)) and "companion-dist-" in folder

@@ -627,6 +627,7 @@ class Trainer:
         offs = [sum(lens[:i]) for i in range(len(lens))]
         n_tok = sum(lens)
         teacher_lp = None
+        teacher_tok = torch.zeros(n_tok)  # [n_tok] 1 on the tokens the teacher scored (hinted replies)
         topk_data = None
         if use_opd:
             tpairs = [(samples[i].teacher_prompt_ids, samples[i].response_ids) for i in hinted]
@@ -637,13 +638,12 @@ class Trainer:
                 k = cfg.opd_topk
                 tk = torch.zeros(n_tok, k)
                 ti = torch.zeros(n_tok, k, dtype=torch.long)
-                opd_mask = torch.zeros(n_tok, dtype=torch.bool)
             j = 0
             for i in hinted:
                 sl = slice(offs[i], offs[i] + lens[i])
-                teacher_lp[sl] = t_lp[j : j + lens[i]]
+                teacher_lp[sl], teacher_tok[sl] = t_lp[j : j + lens[i]], 1.0
                 if cfg.opd_topk:
-                    tk[sl], ti[sl], opd_mask[sl] = t_k[j : j + lens[i]], t_i[j : j + lens[i]], True
+                    tk[sl], ti[sl] = t_k[j : j + lens[i]], t_i[j : j + lens[i]]
                 j += lens[i]
             if cfg.opd_topk:
                 # the old policy's log-probs of the teacher's top-k tokens
@@ -655,7 +655,7 @@ class Trainer:
                         s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
                         logz = L.log_normalizer(logits)
                         old_topk[s0:s1] = L.gather_logp(logits, logz, ti[s0:s1].unsqueeze(0))[0]
-                topk_data = (tk, ti, old_topk, opd_mask)
+                topk_data = (tk, ti, old_topk)
         base_lp = None
         if cfg.kl_coef > 0:
             with self._base_ctx():
@@ -702,10 +702,6 @@ class Trainer:
                     if t < lens[i]:
                         quoted[offs[i] + t] = 1.0
         n_quoted = int(quoted.sum())
-        matched = torch.zeros(n_tok)  # [n_tok] 1 on the tokens of hinted replies (w_token_match)
-        if cfg.w_token_match > 0 and teacher_lp is not None:
-            for i in hinted:
-                matched[offs[i] : offs[i] + lens[i]] = 1.0
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
         for _epoch in range(cfg.epochs):
             for a in range(0, len(samples), mb):
@@ -723,16 +719,16 @@ class Trainer:
                 mask = token_weights[s0:s1]
                 loss, cf = L.ppo_loss(lp, old_lp[s0:s1], adv[s0:s1], mask, cfg.eps_low, cfg.eps_high)
                 if topk_data is not None:
-                    tk, ti, old_topk, opd_mask = topk_data
+                    tk, ti, old_topk = topk_data
                     logz = L.log_normalizer(logits)
                     loss = loss + cfg.w_opd * L.topk_opd_loss(
                         logits, logz, old_topk[s0:s1].unsqueeze(0), tk[s0:s1].unsqueeze(0),
-                        ti[s0:s1].unsqueeze(0), (opd_mask[s0:s1] * mask).unsqueeze(0),
+                        ti[s0:s1].unsqueeze(0), (teacher_tok[s0:s1] * mask).unsqueeze(0),
                         cfg.opd_topk_clip, cfg.eps_low, cfg.eps_high)
                 if n_quoted and quoted[s0:s1].any():
                     loss = loss + cfg.w_quoted * L.unlikelihood(lp, quoted[s0:s1])
-                if matched[s0:s1].any():
-                    loss = loss + cfg.w_token_match * L.token_match(lp, teacher_lp[s0:s1], matched[s0:s1] * mask)
+                if cfg.w_token_match > 0 and teacher_tok[s0:s1].any():
+                    loss = loss + cfg.w_token_match * L.token_match(lp, teacher_lp[s0:s1], teacher_tok[s0:s1] * mask)
                 if base_lp is not None:
                     kl = L.kl_k3(lp, base_lp[s0:s1], mask)
                     loss = loss + cfg.kl_coef * kl
