@@ -239,6 +239,22 @@ def test_kl_anchor_starts_at_zero_and_is_reported(tiny_model_dir):
     assert r1.kl is not None and 0 <= r1.kl < r2.kl  # LoRA B starts at zero: policy == base
 
 
+def test_kl_anchor_can_leave_the_end_token_alone(tiny_model_dir):
+    # the same two updates of the same replies: with kl_eos off a reply that is only the end token
+    # pays no KL (the anchor has nothing to hold) while a longer reply still pays on its other tokens
+    kls = {}
+    for kl_eos in (True, False):
+        for reply in ("eos", "word+eos"):
+            tr = Trainer(cfg(lr=1e-2, kl_coef=0.1, epochs=2, minibatch_size=1, kl_eos=kl_eos), model_path=tiny_model_dir)
+            base = rewarded(tr, 1)
+            ids = [tr.eos_id] if reply == "eos" else [base.response_ids[0], tr.eos_id]
+            s = Sample(**{**base.to_dict(), "response_ids": ids})
+            tr.update([s])
+            kls[kl_eos, reply] = tr.update([s]).kl
+    assert kls[True, "eos"] > 0.0 and kls[False, "eos"] == 0.0
+    assert kls[False, "word+eos"] > 0.0
+
+
 def test_train_serve_gap_compares_serving_logprobs(tiny_model_dir):
     tr = Trainer(cfg(), model_path=tiny_model_dir)
     s = rewarded(tr, 1)

@@ -164,6 +164,12 @@ class TrainerConfig:
         "replies sampled at 0.5 it ended the student replay at all-pass 0.549 on seven seeds against 0.429, "
         "never below on a seed, and no run lost variety (docs/replay.md, Session 10). 0.5 (with lr 6e-4) kept every "
         "run's variety but held the replies long: 0.506 against 0.609 over turns 24-36 (Session 23).", default=0.2)
+    kl_eos: bool = _help(
+        "Take the KL anchor at the end-of-reply token too (default). False leaves the decision to stop to the "
+        "other terms: the base ends its replies late, so a policy that learned to stop early pays the anchor "
+        "at its end token (with base probability 0.01 against 0.5, k3 is about 2.9 nats there against a few "
+        "hundredths elsewhere), and the anchor pulls replies back towards the base's length (docs/replay.md, "
+        "Session 23: 'short' 0.647 against 0.859 at kl_coef 0.5).", default=True)
     entropy_floor: float = _help("Mean reply-token entropy (nats) below which a penalty applies (0 = off).", default=0.3)
     entropy_coef: float = _help("Weight of the entropy-floor penalty.", default=0.1)
     repetition_guard: bool = _help("Refuse an update whose greedy replies on probe prompts become repetitive.", default=True)

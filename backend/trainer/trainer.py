@@ -702,6 +702,10 @@ class Trainer:
                     if t < lens[i]:
                         quoted[offs[i] + t] = 1.0
         n_quoted = int(quoted.sum())
+        kl_weights = token_weights  # [n_tok]
+        if base_lp is not None and not cfg.kl_eos:
+            ends = torch.tensor([t == self.eos_id for s, n in zip(samples, lens) for t in s.response_ids[:n]])
+            kl_weights = token_weights * (~ends)  # the anchor leaves the end token alone
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
         for _epoch in range(cfg.epochs):
             for a in range(0, len(samples), mb):
@@ -730,7 +734,7 @@ class Trainer:
                 if cfg.w_token_match > 0 and teacher_tok[s0:s1].any():
                     loss = loss + cfg.w_token_match * L.token_match(lp, teacher_lp[s0:s1], teacher_tok[s0:s1] * mask)
                 if base_lp is not None:
-                    kl = L.kl_k3(lp, base_lp[s0:s1], mask)
+                    kl = L.kl_k3(lp, base_lp[s0:s1], kl_weights[s0:s1])
                     loss = loss + cfg.kl_coef * kl
                     kls.append(float(kl.detach()))
                 mean_ent = ent.mean()
