@@ -59,7 +59,8 @@ def test_turn_in_judgment_and_delta_back_applied(tmp_path, tiny_model_dir, engin
         assert wait_for(lambda: all(journal.turn(t)["reward"] == 1 for t in ids), 20)
         assert journal.turn(ids[0])["judge_name"] == "cue-words"
         assert wait_for(lambda: engine.version == 1, 60), link.last_error
-        assert journal.current_version() == 1
+        # the applier notes the version in the journal just after apply_delta returns
+        assert wait_for(lambda: journal.current_version() == 1, 10)
         v = journal.versions()[0]
         assert sorted(v["learned_from"]["turn_ids"]) == sorted(ids)
         engine.settle()  # LoRA factors fold into the weights after apply_delta; reading them directly
