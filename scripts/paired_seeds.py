@@ -9,7 +9,10 @@ Each run's report.json gives its ``seed`` and the figure (``--key``, default ``f
 last turn alone can be that evaluation's draw (docs/replay.md, Session 20).
 Runs are paired by seed (seeds in only one group are listed and left out); the output is one row
 per seed, the two means, the mean paired difference with its standard error (sample sd / sqrt n),
-and how many seeds went up, stayed, went down. Last line: ONE JSON object (n, base_mean,
+and how many seeds went up, stayed, went down; then, where the reports carry them, each
+preference's pass rate per group (mean over the paired seeds of the last evaluation, or of the
+evaluations at turn T and later with ``--from-turn``) and each group's collapse misses (runs whose
+``max_distinct4_drop`` is above 0.1, with the drops). Last line: ONE JSON object (n, base_mean,
 lever_mean, mean_diff, se, sd_diff, higher, equal, lower).
 With ``--plot`` it also draws both groups' all-pass and distinct-4 curves against turns (each paired
 seed thin, the group's mean over those seeds thick; the distinct-4 panel marks the collapse line,
@@ -71,6 +74,34 @@ def load_group(ap: argparse.ArgumentParser, folders: list[Path], key: str, label
         if reports is not None:
             reports[r["seed"]] = r
     return out
+
+
+def pref_rates(reports: dict[int, dict], seeds: list[int], from_turn: int | None) -> dict[str, float]:
+    """preference id -> its pass rate, averaged over ``seeds``: per run, the mean of the evaluations
+    at ``from_turn`` and later, or the last evaluation when ``from_turn`` is None. Empty when a run's
+    curve has no ``per_pref``."""
+    per_run = []
+    for s in seeds:
+        pts = [p for p in reports[s].get("curve") or [] if isinstance(p, dict) and isinstance(p.get("per_pref"), dict)]
+        if from_turn is None:
+            pts = pts[-1:]
+        else:
+            pts = [p for p in pts if isinstance(p.get("turn"), int) and p["turn"] >= from_turn]
+        if not pts:
+            return {}
+        per_run.append({k: statistics.mean(p["per_pref"][k] for p in pts) for k in pts[0]["per_pref"]})
+    return {k: statistics.mean(r[k] for r in per_run) for k in per_run[0]}
+
+
+COLLAPSE_DROP = 0.1  # the issue's target: distinct-4 never more than 0.1 below the base's
+
+
+def collapse_misses(reports: dict[int, dict], seeds: list[int]) -> list[tuple[int, float]] | None:
+    """(seed, drop) of the runs whose max_distinct4_drop is above COLLAPSE_DROP; None if a report lacks it."""
+    drops = [(s, reports[s].get("max_distinct4_drop")) for s in seeds]
+    if any(not isinstance(d, (int, float)) for _, d in drops):
+        return None
+    return [(s, float(d)) for s, d in drops if d > COLLAPSE_DROP]
 
 
 def paired(base: dict[int, float], lever: dict[int, float]) -> dict:
@@ -168,6 +199,20 @@ def main() -> int:
         inside = abs(res["mean_diff"]) < 2 * se
         print("inside two standard errors: not a finding on its own" if inside
               else "outside two standard errors")
+    seeds = res["seeds"]
+    rates = [pref_rates(base_reports, seeds, args.from_turn), pref_rates(lever_reports, seeds, args.from_turn)]
+    if rates[0] and rates[1]:
+        where = "the last evaluation" if args.from_turn is None else f"evaluations at turn {args.from_turn} and later"
+        print(f"\nper preference ({where}, mean over the paired seeds): base / lever")
+        for k in rates[0]:
+            if k in rates[1]:
+                print(f"  {k}: {rates[0][k]:.3f} / {rates[1][k]:.3f}")
+    for name, reps in (("base", base_reports), ("lever", lever_reports)):
+        misses = collapse_misses(reps, seeds)
+        if misses is not None:
+            listed = ", ".join(f"seed {s} {d:.3f}" for s, d in misses)
+            print(f"collapse misses ({name}, distinct-4 more than {COLLAPSE_DROP} below the base's): "
+                  f"{len(misses)} of {len(seeds)}" + (f" ({listed})" if listed else ""))
     if args.plot is not None:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_groups(args.plot, {names[0]: base_reports, names[1]: lever_reports}, res["seeds"])

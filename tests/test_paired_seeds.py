@@ -101,3 +101,34 @@ def test_from_turn_compares_the_late_evaluations_not_the_last_one(tmp_path):
                           (["--from-turn", "-1"], "0 or more")]:
         bad = _run("--base", *base, "--lever", *lever, *args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_per_preference_rates_and_collapse_misses_are_reported(tmp_path):
+    def runs(name, prefs_by_seed, drops):
+        out = []
+        for seed, (early, late) in prefs_by_seed.items():
+            d = tmp_path / f"{name}-{seed}"
+            d.mkdir()
+            curve = [{"turn": 0, "all_pass": 0.1, "per_pref": {"short": 0.0, "answers": 0.0}},
+                     {"turn": 24, "all_pass": 0.5, "per_pref": early},
+                     {"turn": 36, "all_pass": 0.6, "per_pref": late}]
+            (d / "report.json").write_text(json.dumps({"seed": seed, "final_all_pass": 0.6, "curve": curve,
+                                                       "max_distinct4_drop": drops[seed]}))
+            out.append(str(d))
+        return out
+
+    base = runs("a", {0: ({"short": 0.5, "answers": 1.0}, {"short": 1.0, "answers": 1.0}),
+                      1: ({"short": 0.0, "answers": 0.5}, {"short": 0.5, "answers": 0.5})}, {0: 0.0, 1: 0.15})
+    lever = runs("b", {0: ({"short": 0.0, "answers": 0.0}, {"short": 0.0, "answers": 0.2}),
+                       1: ({"short": 1.0, "answers": 1.0}, {"short": 1.0, "answers": 1.0})}, {0: 0.05, 1: 0.08})
+    out = _run("--base", *base, "--lever", *lever)
+    assert out.returncode == 0, out.stderr
+    assert "per preference (the last evaluation" in out.stdout
+    assert "  short: 0.750 / 0.500" in out.stdout and "  answers: 0.750 / 0.600" in out.stdout
+    out = _run("--base", *base, "--lever", *lever, "--from-turn", "24")
+    assert "per preference (evaluations at turn 24 and later" in out.stdout
+    # base short: seed 0 mean(0.5, 1.0) = 0.75, seed 1 mean(0, 0.5) = 0.25 -> 0.5; lever: 0 and 1 -> 0.5
+    assert "  short: 0.500 / 0.500" in out.stdout and "  answers: 0.750 / 0.550" in out.stdout
+    assert "collapse misses (base, distinct-4 more than 0.1 below the base's): 1 of 2 (seed 1 0.150)" in out.stdout
+    assert "collapse misses (lever, distinct-4 more than 0.1 below the base's): 0 of 2" in out.stdout
+    assert json.loads(out.stdout.strip().splitlines()[-1])["n"] == 2  # the JSON line stays last
