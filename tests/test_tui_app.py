@@ -208,6 +208,10 @@ def test_history_prefs_and_turn_detail_screens(engine, journal):
             await pilot.press("f2")
             assert isinstance(app.screen, HistoryScreen)
             assert len(app.screen.rows) == 2
+            table = app.screen.query_one("#history-table")
+            table.clear(columns=True)  # a reload before on_mount has added the columns
+            app.screen.reload()
+            assert len(table.columns) == 9 and table.row_count == 2
             await pilot.press("r")  # +1 only
             assert app.screen.rows == []
             journal.record_judgment(t1, 1, [1, 1, 1], None, "test")  # what the link does before its callback
@@ -229,6 +233,11 @@ def test_history_prefs_and_turn_detail_screens(engine, journal):
             assert isinstance(app.screen, PrefsScreen)
             await wait_for(pilot, lambda: app.screen.groups is not None)
             assert [(g["hint"], g["count"], g["versions"]) for g in app.screen.groups] == [("Keep answers shorter.", 1, [1])]
+            # groups that arrive before the table has its columns (a resume's reload can beat on_mount)
+            table = app.screen.query_one("#prefs-table")
+            table.clear(columns=True)
+            app.screen._show(app.screen.groups)
+            assert len(table.columns) == 5 and table.row_count == 1
             await pilot.press("f1")
             assert app.screen is app.chat
 
@@ -299,3 +308,34 @@ def test_real_delta_applied_to_the_engine_is_announced(engine, journal):
         asyncio.run(run())
     except TypeError as exc:  # Delta's constructor is another area's; only skip on a signature change
         pytest.skip(f"Delta API differs: {exc}")
+
+
+def test_a_version_the_journal_notes_after_the_engine_applies_it_is_announced_whole(engine, journal):
+    """The link applies a delta, then notes it in the journal: a poll in between must not announce
+    the version without what it learned (CI caught that gap). A version the journal never notes is
+    still announced, bare, after UNNOTED_POLLS_MAX polls."""
+    import torch
+
+    from backend.delta import Delta
+
+    def same_weights_delta(version):
+        w = engine.model.model.layers[0].self_attn.q_proj.weight
+        return Delta(version=version, base_version=engine.version, format="full",
+                     tensors={"model.layers.0.self_attn.q_proj.weight": w.detach().clone()}, meta={})
+
+    async def run():
+        app = CompanionApp(engine, GREEDY, journal=journal)
+        async with app.run_test(size=(100, 30)) as pilot:
+            v1 = engine.version + 1
+            engine.apply_delta(same_weights_delta(v1))
+            await pilot.pause(0.5)  # five polls see v1 in the engine and not in the journal
+            assert app.notices == [] and f"policy v{v1}" not in status_text(app)
+            journal.record_version(v1, {"n_samples": 3, "turn_ids": []})
+            await wait_for(pilot, lambda: f"policy v{v1}" in status_text(app))
+            assert app.notices == [f"Now serving v{v1}, learned from 3 turns"]
+            app.UNNOTED_POLLS_MAX = 3
+            engine.apply_delta(same_weights_delta(v1 + 1))  # never noted in the journal
+            await wait_for(pilot, lambda: f"policy v{v1 + 1}" in status_text(app))
+            assert app.notices[-1] == f"Now serving v{v1 + 1}"
+
+    asyncio.run(run())

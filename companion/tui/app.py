@@ -31,6 +31,7 @@ class CompanionApp(App):
     BINDINGS = list(keymap.APP)
     MODES = {"chat": ChatScreen, "history": HistoryScreen, "prefs": PrefsScreen}
     DEFAULT_MODE = "chat"
+    UNNOTED_POLLS_MAX = 30  # polls (3 s) to wait for the journal to note a new version before announcing it bare
     STATUS_POLL_S = 0.1
 
     def __init__(self, engine, params, *, journal=None, system_prompt: str = "You are a helpful assistant.",
@@ -45,6 +46,7 @@ class CompanionApp(App):
         self._embedder = embedder
         self.copied: str | None = None  # last text sent to the clipboard (terminals may not echo it back)
         self.notices: list[str] = []  # every new-version notice shown, newest last
+        self._unnoted_polls = 0  # polls that saw a new engine version the journal has not noted yet
 
     @property
     def embedder(self):
@@ -80,7 +82,12 @@ class CompanionApp(App):
     def poll_status(self) -> None:
         events = self.feed.drain()
         if self.engine.version > self.status.version and not any(e.get("kind") == "version" for e in events):
-            events.append({"kind": "version", "version": self.engine.version, "learned_from": self._learned_from()})
+            learned = self._learned_from()
+            self._unnoted_polls = self._unnoted_polls + 1 if learned is None else 0
+            # None: not in the journal yet, a later poll tells it whole; after a few polls, say it anyway
+            if learned is not None or self._unnoted_polls > self.UNNOTED_POLLS_MAX:
+                events.append({"kind": "version", "version": self.engine.version, "learned_from": learned or {}})
+                self._unnoted_polls = 0
         if not events:
             return
         try:
@@ -103,7 +110,11 @@ class CompanionApp(App):
         if any(e.get("kind") in ("judgment", "version") for e in events) and hasattr(self.screen, "reload"):
             self.screen.reload()
 
-    def _learned_from(self) -> dict:
+    def _learned_from(self) -> dict | None:
+        """What the serving version learned from, from the journal; None while the journal has not
+        noted it. Why wait: the link notes a version in the journal just after apply_delta returns,
+        so a poll in between sees the engine's new version first, and a notice made then would say
+        nothing of what it learned (and would not be repeated)."""
         if self.journal is None:
             return {}
         from companion.tui.data import with_hints
@@ -111,7 +122,7 @@ class CompanionApp(App):
         for v in reversed(self.journal.versions()):
             if v["version"] == self.engine.version:
                 return with_hints(self.journal, v.get("learned_from"))
-        return {}
+        return None
 
     # ------------------------------------------------------------ actions
     def action_show_chat(self) -> None:

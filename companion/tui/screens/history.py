@@ -18,6 +18,7 @@ from companion.tui import keymap
 from companion.tui.data import fmt_reward, fmt_votes, history_rows
 from companion.tui.screens.turn_detail import TurnDetailScreen
 from companion.tui.status import shorten
+from companion.tui.widgets.tables import columned
 
 REWARD_FILTERS = (None, 1, 0, -1, "none")
 REWARD_NAMES = {None: "all", 1: "+1", 0: "0", -1: "-1", "none": "not judged"}
@@ -42,9 +43,9 @@ class HistoryScreen(Screen):
         yield DataTable(id="history-table", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
+    COLUMNS = ("Time", "Session", "#", "Prompt", "Reward", "Votes", "Hint", "Version", "You")
+
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        table.add_columns("Time", "Session", "#", "Prompt", "Reward", "Votes", "Hint", "Version", "You")
         self.reload()
 
     def on_screen_resume(self) -> None:
@@ -53,7 +54,7 @@ class HistoryScreen(Screen):
     def reload(self) -> None:
         journal = self.app.journal
         self.rows = history_rows(journal, self.session_filter, self.reward_filter) if journal else []
-        table = self.query_one(DataTable)
+        table = columned(self.query_one(DataTable), self.COLUMNS)
         table.clear()
         for r in self.rows:
             table.add_row(

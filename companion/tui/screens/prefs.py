@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Footer, Header, Label
 from companion.tui import keymap
 from companion.tui.data import learned_preferences, version_stats
 from companion.tui.status import shorten
+from companion.tui.widgets.tables import columned
 from companion.tui.widgets.version_chart import VersionChart
 
 
@@ -44,8 +45,10 @@ class PrefsScreen(Screen):
         yield VersionChart(id="chart")
         yield Footer()
 
+    COLUMNS = ("Preference", "Times", "Last learned", "Versions", "Wordings")
+
     def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns("Preference", "Times", "Last learned", "Versions", "Wordings")
+        columned(self.query_one(DataTable), self.COLUMNS)
         self.reload()
 
     def on_screen_resume(self) -> None:
@@ -70,7 +73,7 @@ class PrefsScreen(Screen):
 
     def _show(self, groups: list[dict]) -> None:
         self.groups = groups
-        table = self.query_one(DataTable)
+        table = columned(self.query_one(DataTable), self.COLUMNS)
         table.clear()
         for g in groups:
             table.add_row(
