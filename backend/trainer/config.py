@@ -168,8 +168,9 @@ class TrainerConfig:
         "Take the KL anchor at the end-of-reply token too (default). False leaves the decision to stop to the "
         "other terms: the base ends its replies late, so a policy that learned to stop early pays the anchor "
         "at its end token (with base probability 0.01 against 0.5, k3 is about 2.9 nats there against a few "
-        "hundredths elsewhere), and the anchor pulls replies back towards the base's length (docs/replay.md, "
-        "Session 23: 'short' 0.647 against 0.859 at kl_coef 0.5).", default=True)
+        "hundredths elsewhere), and the anchor pulls replies back towards the base's length. Off, replies get "
+        "shorter and answer less: all-pass within one SE of the default and more collapse misses (docs/replay.md, "
+        "Sessions 24-25).", default=True)
     entropy_floor: float = _help("Mean reply-token entropy (nats) below which a penalty applies (0 = off).", default=0.3)
     entropy_coef: float = _help("Weight of the entropy-floor penalty.", default=0.1)
     repetition_guard: bool = _help("Refuse an update whose greedy replies on probe prompts become repetitive.", default=True)
