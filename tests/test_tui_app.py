@@ -314,8 +314,6 @@ def test_a_version_the_journal_notes_after_the_engine_applies_it_is_announced_wh
     """The link applies a delta, then notes it in the journal: a poll in between must not announce
     the version without what it learned (CI caught that gap). A version the journal never notes is
     still announced, bare, after UNNOTED_POLLS_MAX polls."""
-    import torch
-
     from backend.delta import Delta
 
     def same_weights_delta(version):

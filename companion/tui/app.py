@@ -117,12 +117,9 @@ class CompanionApp(App):
         nothing of what it learned (and would not be repeated)."""
         if self.journal is None:
             return {}
-        from companion.tui.data import with_hints
+        from companion.tui.data import version_learned_from
 
-        for v in reversed(self.journal.versions()):
-            if v["version"] == self.engine.version:
-                return with_hints(self.journal, v.get("learned_from"))
-        return None
+        return version_learned_from(self.journal, self.engine.version)
 
     # ------------------------------------------------------------ actions
     def action_show_chat(self) -> None:

@@ -119,6 +119,14 @@ def to_json(rows) -> str:
     return json.dumps(rows, indent=2, ensure_ascii=False, default=str)
 
 
+def version_learned_from(journal, version: int) -> dict | None:
+    """What policy ``version`` learned from (``with_hints``), or None if the journal has not noted it."""
+    for v in reversed(journal.versions()):
+        if v["version"] == version:
+            return with_hints(journal, v.get("learned_from"))
+    return None
+
+
 def with_hints(journal, learned_from: dict | None) -> dict:
     """``learned_from`` plus ``hints``: the hints of its turns as the journal knows them.
 

@@ -101,13 +101,10 @@ class LearningHandle:
         self.feed.put({"kind": "judgment", **data})
 
     def _on_version(self, version: int) -> None:
-        from companion.tui.data import with_hints
+        from companion.tui.data import version_learned_from
 
-        learned = {}
-        for v in self.journal.versions():
-            if v["version"] == version:
-                learned = v.get("learned_from") or {}
-        self.feed.put({"kind": "version", "version": int(version), "learned_from": with_hints(self.journal, learned)})
+        learned = version_learned_from(self.journal, version)  # noted by the link before this callback
+        self.feed.put({"kind": "version", "version": int(version), "learned_from": learned or {}})
 
     def stop(self) -> None:
         self._stop.set()
