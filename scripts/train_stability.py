@@ -37,6 +37,8 @@ CONFIGS = {
     "plain": dict(baseline="none", kl_coef=0.0, entropy_floor=0.0, repetition_guard=False),
     "centering": dict(kl_coef=0.0, entropy_floor=0.0, repetition_guard=False),
     "defaults": dict(),
+    # the running mean corrected for its start at 0 (Session 26): constant -1 gives advantage 0
+    "mean": dict(baseline="mean"),
 }
 
 

@@ -204,6 +204,30 @@ def test_combined_reward_centering_shrinks_constant_punishment(tiny_model_dir):
     assert abs(third.rl_adv_mean) < abs(second.rl_adv_mean)
 
 
+def test_mean_baseline_gives_constant_punishment_no_push(tiny_model_dir):
+    # 'mean' corrects the running mean for its start at 0: a person who only ever criticises gives
+    # advantage 0 from the first update on, where 'ema' starts at -1 (the test above).
+    tr = Trainer(cfg(lr=1e-3, baseline="mean", baseline_momentum=0.5), model_path=tiny_model_dir)
+    bad = rewarded(tr, -1)
+    reports = [tr.update([bad, bad]) for _ in range(3)]
+    for r in reports:
+        assert r.baseline == pytest.approx(-1.0) and r.rl_adv_mean == pytest.approx(0.0)
+    assert tr.baseline == pytest.approx(-(1 - 0.5 ** 6))  # the EMA itself runs on, uncorrected
+
+
+def test_mean_baseline_is_the_weighted_mean_of_rewards_seen(tiny_model_dir):
+    tr = Trainer(cfg(lr=1e-3, baseline="mean", baseline_momentum=0.5), model_path=tiny_model_dir)
+    bad = rewarded(tr, -1)
+    good = Sample(**{**bad.to_dict(), "reward": 1})
+    first = tr.update([good, bad])
+    assert first.baseline == pytest.approx(0.0)  # no reward seen yet: the batch's own mean
+    second = tr.update([bad, bad])
+    # rewards +1 then -1 with weights 0.25 and 0.5 (momentum 0.5), normalised by 0.75
+    assert second.baseline == pytest.approx(-1 / 3) and second.rl_adv_mean == pytest.approx(-2 / 3)
+    with pytest.raises(UserError):
+        cfg(baseline="median")
+
+
 @pytest.mark.parametrize("agg", ["token", "sample"])
 def test_loss_aggregation_weighs_tokens_or_replies(tiny_model_dir, agg):
     # One update's first loss is -mean(advantage) (ratio 1): with a long -1 reply and a short +1

@@ -157,7 +157,12 @@ class TrainerConfig:
         "0.510, two seeds collapsed). Kept as an option, off. LoRA averages each factor, which "
         "matches averaging the product B A up to second-order terms while the factors move little per update.",
         default=0.0)
-    baseline: str = _help("Reward centering: 'ema' (running mean of rewards subtracted) or 'none'.", default="ema")
+    baseline: str = _help(
+        "Reward centering: 'ema' (running mean of rewards subtracted, started at 0), 'mean' (the same "
+        "running mean corrected for its start at 0, as Adam corrects its moments: ema / (1 - momentum^n) "
+        "after n rewards; before any reward, the mean of the batch's own rewards), or 'none'. With 'ema' "
+        "the first updates of a person who never praises (the teacher persona: 0 praise in 24 turns) "
+        "push every sampled reply down at nearly full strength, which 'mean' does not.", default="ema")
     baseline_momentum: float = _help("EMA momentum of the reward baseline, per sample.", default=0.9)
     kl_coef: float = _help(
         "Weight of the KL(k3) anchor to the base policy (0 = off). 0.2 (was 0.05 until Session 11): with chat "
@@ -228,7 +233,7 @@ class TrainerConfig:
             (self.hint_placement in HINT_PLACEMENTS,
              "hint_placement must be " + " or ".join(repr(p) for p in HINT_PLACEMENTS) + "."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
-            (self.baseline in ("ema", "none"), "baseline must be 'ema' or 'none'."),
+            (self.baseline in ("ema", "mean", "none"), "baseline must be 'ema', 'mean' or 'none'."),
             (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),
             (0 <= self.serve_ema < 1, "serve_ema must be in [0, 1)."),
             (self.kl_coef >= 0 and self.entropy_coef >= 0 and self.entropy_floor >= 0, "kl_coef, entropy_coef and entropy_floor must be >= 0."),

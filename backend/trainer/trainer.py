@@ -458,7 +458,7 @@ class Trainer:
         """Per-token advantages [N] and the RL / OPD parts' means."""
         cfg = self.cfg
         adv, rl_parts, opd_parts, k = [], [], [], 0
-        b = self.baseline if cfg.baseline == "ema" else 0.0
+        b = self.reward_baseline(samples)
         for s in samples:
             n = min(len(s.response_ids), cfg.max_tokens - 1)
             a = torch.zeros(n)
@@ -477,6 +477,19 @@ class Trainer:
             k += n
         mean = lambda xs: float(sum(xs) / len(xs)) if xs else 0.0  # noqa: E731
         return torch.cat(adv), mean(rl_parts), mean(opd_parts)
+
+    def reward_baseline(self, samples=()) -> float:
+        """The b of the RL advantage r - b for the next update of ``samples`` (see ``cfg.baseline``)."""
+        cfg = self.cfg
+        if cfg.baseline == "ema":
+            return self.baseline
+        if cfg.baseline == "mean":
+            if self.n_rewards:
+                # The EMA starts at 0, so after n rewards it carries weight m^n on that 0: divide it out.
+                return self.baseline / (1.0 - cfg.baseline_momentum ** self.n_rewards)
+            own = [s.reward for s in samples if s.reward != 0 and not isinstance(s, TeacherReply)]
+            return sum(own) / len(own) if own else 0.0
+        return 0.0
 
     def _update_baseline(self, samples) -> None:
         m = self.cfg.baseline_momentum
@@ -660,6 +673,7 @@ class Trainer:
         if cfg.kl_coef > 0:
             with self._base_ctx():
                 base_lp, _, _ = self._score(pairs)
+        b_used = self.reward_baseline(samples)
         adv, rl_mean, opd_mean = self._advantages(samples, old_lp, teacher_lp)
         gap_parts = [
             (old_lp[offs[i] : offs[i] + lens[i]] - torch.tensor(s.rollout_logprobs[: lens[i]])).abs()
@@ -757,7 +771,7 @@ class Trainer:
             teacher_reply_s=teacher_reply_s, rollout_s=rollout_s,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
-            grad_norm=max(norms), baseline=self.baseline if cfg.baseline == "ema" else 0.0,
+            grad_norm=max(norms), baseline=b_used,
             rl_adv_mean=rl_mean, opd_adv_mean=opd_mean, rep_before=rep_before, rep_after=None,
             len_before=len_before, len_after=None, step=self.step,
             variety_base=self._variety_base if variety else None, variety_after=None,
