@@ -454,11 +454,10 @@ class Trainer:
         """The learning rate of the next update (``lr_decay`` counts the versions made so far)."""
         return self.cfg.learning_rate / (1.0 + self.cfg.lr_decay * self.version)
 
-    def _advantages(self, samples, old_lp, teacher_lp):
-        """Per-token advantages [N] and the RL / OPD parts' means."""
+    def _advantages(self, samples, old_lp, teacher_lp, b: float):
+        """Per-token advantages [N] and the RL / OPD parts' means; ``b`` is the reward baseline."""
         cfg = self.cfg
         adv, rl_parts, opd_parts, k = [], [], [], 0
-        b = self.reward_baseline(samples)
         for s in samples:
             n = min(len(s.response_ids), cfg.max_tokens - 1)
             a = torch.zeros(n)
@@ -487,7 +486,7 @@ class Trainer:
             if self.n_rewards:
                 # The EMA starts at 0, so after n rewards it carries weight m^n on that 0: divide it out.
                 return self.baseline / (1.0 - cfg.baseline_momentum ** self.n_rewards)
-            own = [s.reward for s in samples if s.reward != 0 and not isinstance(s, TeacherReply)]
+            own = [s.reward for s in samples if s.reward != 0]  # the rewards _update_baseline counts
             return sum(own) / len(own) if own else 0.0
         return 0.0
 
@@ -674,7 +673,7 @@ class Trainer:
             with self._base_ctx():
                 base_lp, _, _ = self._score(pairs)
         b_used = self.reward_baseline(samples)
-        adv, rl_mean, opd_mean = self._advantages(samples, old_lp, teacher_lp)
+        adv, rl_mean, opd_mean = self._advantages(samples, old_lp, teacher_lp, b_used)
         gap_parts = [
             (old_lp[offs[i] : offs[i] + lens[i]] - torch.tensor(s.rollout_logprobs[: lens[i]])).abs()
             for i, s in enumerate(samples) if s.rollout_logprobs and len(s.rollout_logprobs) >= lens[i]
