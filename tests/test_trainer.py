@@ -228,6 +228,35 @@ def test_mean_baseline_is_the_weighted_mean_of_rewards_seen(tiny_model_dir):
         cfg(baseline="median")
 
 
+def _first_step_of_b(tiny_model_dir, w_rl: float, **kw) -> float:
+    """Norm of the change of every LoRA B factor in one update of one +1 sample with advantage w_rl."""
+    tr = Trainer(cfg(baseline="none", grad_clip=0.0, w_rl=w_rl, **kw), model_path=tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in tr.trainable.items() if n.endswith("lora_B")}
+    tr.update([rewarded(tr, 1)])
+    return sum(float((tr.trainable[n] - b).pow(2).sum()) for n, b in before.items()) ** 0.5
+
+
+def test_sgd_moves_the_weights_in_proportion_to_the_signal_and_adamw_does_not(tiny_model_dir):
+    # Half the advantage: SGD's first step is half as long (B starts at 0, so only B moves, linearly in
+    # the gradient); AdamW's first step is about lr per element in the gradient's sign either way.
+    sgd = [_first_step_of_b(tiny_model_dir, w, optimizer="sgd", lr=0.5) for w in (1.0, 0.5)]
+    adam = [_first_step_of_b(tiny_model_dir, w, lr=1e-3) for w in (1.0, 0.5)]
+    assert sgd[0] > 0 and sgd[1] / sgd[0] == pytest.approx(0.5, rel=1e-3)
+    assert adam[1] / adam[0] == pytest.approx(1.0, abs=0.05)
+    assert isinstance(Trainer(cfg(optimizer="sgd", momentum=0.5), model_path=tiny_model_dir).optimizer, torch.optim.SGD)
+
+
+def test_sgd_has_its_own_default_rate_and_checked_settings():
+    from backend.trainer.config import SGD_LR, TrainerConfigError, config_from_overrides
+
+    assert TrainerConfig(optimizer="sgd").learning_rate == SGD_LR and TrainerConfig(optimizer="sgd", lr=0.2).learning_rate == 0.2
+    for bad, message in (({"optimizer": "adam"}, "optimizer must be 'adamw' or 'sgd', not 'adam'."),
+                         ({"momentum": 1.0}, "momentum must be in [0, 1).")):
+        with pytest.raises(TrainerConfigError) as err:
+            config_from_overrides(bad)
+        assert str(err.value) == message
+
+
 @pytest.mark.parametrize("agg", ["token", "sample"])
 def test_loss_aggregation_weighs_tokens_or_replies(tiny_model_dir, agg):
     # One update's first loss is -mean(advantage) (ratio 1): with a long -1 reply and a short +1

@@ -17,6 +17,9 @@ from backend.samples import HINT_PLACEMENTS
 from companion.errors import UserError
 
 
+SGD_LR = 1.0  # plain SGD at 1.0 moves the LoRA product about as far in the first update as AdamW at 3e-4 (docs/replay.md, Session 27)
+
+
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
@@ -34,7 +37,14 @@ class TrainerConfig:
         "Megatron linears that get adapters: qkv, proj, fc1, fc2 (= HF q/k/v, o, gate/up, down).",
         default=("qkv", "proj", "fc1", "fc2"),
     )
-    lr: float | None = _help("AdamW learning rate; None = 3e-4 for LoRA, 1e-5 for full.", default=None)
+    optimizer: str = _help(
+        "'adamw' (default) or 'sgd' (SGD with 'momentum'). AdamW's first step moves every trainable element by "
+        "about lr in the sign of its gradient, whatever the gradient's size, so a batch of weak signal (only "
+        "criticism, a small OPD term) moves the weights as far as a strong one (docs/replay.md, Session 26); "
+        "SGD moves them in proportion to the (clipped) gradient.", default="adamw")
+    momentum: float = _help("Momentum of the 'sgd' optimizer (0 = plain SGD, the default: 0.9 at lr 1.0 diverged in the second update).", default=0.0)
+    lr: float | None = _help("Learning rate; None = 3e-4 for LoRA, 1e-5 for full (AdamW), SGD_LR for 'sgd'.",
+                             default=None)
     lr_decay: float = _help(
         "Learning-rate decay per update: update v (0, 1, ...) uses lr / (1 + lr_decay * v); 0 = constant. "
         "Damps later updates once the first corrections are learned, without ever stopping learning.", default=0.0)
@@ -216,6 +226,8 @@ class TrainerConfig:
                  for t in self.lora_targets) and self.lora_targets, "lora_targets must be among qkv, proj, fc1, fc2."),
             (self.lr is None or self.lr > 0, "lr must be positive."),
             (self.lr_decay >= 0, "lr_decay must be >= 0."),
+            (self.optimizer in ("adamw", "sgd"), f"optimizer must be 'adamw' or 'sgd', not {self.optimizer!r}."),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)."),
             (self.epochs >= 1 and self.minibatch_size >= 1, "epochs and minibatch_size must be at least 1."),
             (0 <= self.eps_low < 1 and self.eps_high >= 0, "eps_low must be in [0, 1) and eps_high non-negative."),
             (self.teacher in ("self", "base"), "teacher must be 'self' or 'base'."),
@@ -259,6 +271,8 @@ class TrainerConfig:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
+        if self.optimizer == "sgd":
+            return SGD_LR
         return 3e-4 if self.mode == "lora" else 1e-5
 
 

@@ -161,10 +161,14 @@ class Trainer:
             if cfg.kl_coef > 0 or cfg.teacher == "base" or cfg.guard_variety_drop > 0:
                 # A frozen copy of the base weights, swapped in for base-policy passes.
                 self._base_state = self._trained_copy()
-        self.optimizer = torch.optim.AdamW(
-            list(self.trainable.values()), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-            weight_decay=cfg.weight_decay,
-        )
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(list(self.trainable.values()), lr=cfg.learning_rate,
+                                             momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                list(self.trainable.values()), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                weight_decay=cfg.weight_decay,
+            )
         self.version, self.step, self.baseline, self.n_rewards = 0, 0, 0.0, 0
         self.model.eval()  # no dropout anywhere; eval() only affects module flags
         from companion.models import model_fingerprint
