@@ -662,6 +662,19 @@ def test_variety_guard_refuses_replies_that_lose_variety_against_the_base(tiny_m
     assert rep.accepted and rep.variety_base is None and rep.variety_after is None and off._variety_prompts == []
 
 
+def test_variety_probe_takes_one_prompt_per_conversation(tiny_model_dir):
+    from backend.trainer.trainer import distinct_conversations
+
+    a, b = [1, 2, 3], [1, 2, 9]
+    rewrite_of_a = a + [7, 8, 4, 5]  # the same conversation, one turn later
+    assert distinct_conversations([a, rewrite_of_a, b, a[:2]]) == [a, b]
+    tr = _StockPhraseProbe(cfg(guard_variety_drop=0.1, lr=1e-2), model_path=tiny_model_dir)
+    first, *rest = fixed_samples(tr.tokenizer)
+    rewrite = Sample(**{**first.to_dict(), "prompt_ids": first.prompt_ids + rest[0].response_ids + first.prompt_ids[-3:]})
+    tr.update([first, rewrite, *rest])
+    assert tr._variety_prompts == [list(s.prompt_ids) for s in [first, *rest]][:4]
+
+
 def test_variety_guard_measures_the_frozen_base_even_when_first_used_later(tiny_model_dir):
     tr = Trainer(cfg(lr=5e-2), model_path=tiny_model_dir)
     samples = fixed_samples(tr.tokenizer)

@@ -202,7 +202,9 @@ class TrainerConfig:
         "base model's on the same prompts. The replay's collapse measure, on training prompts: the short, "
         "per-reply repetition probe above missed the stock phrases and late loops that ended two student "
         "replays in Session 8 (docs/replay.md, Session 9).", default=0.0)
-    guard_variety_prompts: int = _help("Probe prompts for the variety guard (the first update's first samples).", default=4)
+    guard_variety_prompts: int = _help(
+        "Probe prompts for the variety guard: the first update's first samples, one per conversation (a rewrite "
+        "request's prompt continues the turn it follows; both would compare near-duplicate replies).", default=4)
     guard_variety_tokens: int = _help("Greedy tokens generated per variety probe prompt.", default=64)
     dtype: str = _help(
         "Training compute: 'fp32' (default: this CPU has no native bf16 GEMM, bf16 measured ~7x slower) "

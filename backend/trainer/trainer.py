@@ -81,6 +81,19 @@ def pooled_distinct_ngrams(replies: list[list[int]], n: int = 4) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
+def distinct_conversations(prompts: list[list[int]]) -> list[list[int]]:
+    """The prompts in order, without any that continue (or are continued by) one already kept.
+
+    A rewrite request is the same conversation as the turn it follows, so its prompt starts with that
+    turn's whole prompt; two such prompts make the variety probe compare near-duplicate replies (the
+    teacher persona's first batch, docs/replay.md, Session 26: probe base 0.63 against 0.87)."""
+    kept: list[list[int]] = []
+    for p in prompts:
+        if not any(p[: len(k)] == k or k[: len(p)] == p for k in kept):
+            kept.append(p)
+    return kept
+
+
 def repeated_ngram_fraction(ids: list[int], n: int = 3) -> float:
     """Share of n-grams that repeat an earlier one (0 = no repetition, ->1 = a loop)."""
     grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
@@ -697,7 +710,8 @@ class Trainer:
         rep_before, len_before = self._probe_rep if guard_prompts else (None, None)
         variety = cfg.guard_variety_drop > 0
         if variety and not self._variety_prompts:
-            self._variety_prompts = [list(s.prompt_ids) for s in judged[: cfg.guard_variety_prompts]]
+            prompts = distinct_conversations([list(s.prompt_ids) for s in judged])
+            self._variety_prompts = prompts[: cfg.guard_variety_prompts]
         if variety and self._variety_base is None:
             tg = time.perf_counter()
             with self._base_ctx():  # the base's figure, whatever version is serving when the guard is first used
