@@ -3,7 +3,8 @@
 Reads the backend store of a replay run (``<run>/backend/backend.db``: which turns made each
 version, and each turn's reward and hint), rebuilds the first ``--updates`` batches of samples the
 way the backend does (``backend.samples.build_sample``) and trains a fresh trainer on them in the
-same order, with the settings given by ``--trainer`` (JSON, as ``companion simulate --trainer``).
+same order, with the settings given by ``--trainer`` (JSON, as ``companion simulate --trainer``)
+over the weights of ``--method`` (as the backend sets them: combined trains OPD at w_opd 0.5).
 Per update it prints one JSON line: the batch's rewards, how many samples carry a hint, the loss,
 the largest gradient norm before clipping, and the Frobenius norm of the change of every LoRA
 product B·A (summed over layers) in that update (``step_norm``) and since the start (``total_norm``).
@@ -57,6 +58,8 @@ def main() -> int:
     ap.add_argument("--run", required=True, help="a replay run folder (holds backend/backend.db)")
     ap.add_argument("--updates", type=int, default=4, help="how many of its first updates to re-train (default 4)")
     ap.add_argument("--trainer", default="{}", help="trainer settings as JSON, e.g. '{\"optimizer\": \"sgd\"}'")
+    ap.add_argument("--method", default="combined", choices=["combined", "binary", "opd"],
+                    help="the learning method's weights, as the replay's backend sets them (default combined: w_opd 0.5)")
     ap.add_argument("--model", default=None, help="model folder (default: the configured model)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     args = ap.parse_args()
@@ -80,8 +83,10 @@ def main() -> int:
     from companion.errors import UserError
     from companion.models import resolve_model_path
 
+    from backend.stages import method_trainer_overrides
+
     try:
-        cfg = config_from_overrides(overrides)
+        cfg = config_from_overrides(method_trainer_overrides(args.method, overrides))
     except UserError as e:
         ap.error(str(e))
     if cfg.mode != "lora":

@@ -87,3 +87,29 @@ def test_step_probe_refuses_user_mistakes_in_one_line(tmp_path):
                         ([], "cannot read")):
         res = _step_probe("--run", str(tmp_path), *args)
         assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def _random_move(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts/random_move.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_random_move_measures_the_base_then_each_move_of_the_asked_size(tiny_model_dir):
+    import json
+
+    res = _random_move("--persona", "teacher", "--norms", "0.5", "--seeds", "0,1", "--tokens", "8",
+                       "--model", str(tiny_model_dir))
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [(x["norm"], x["seed"]) for x in lines] == [(0.0, None), (0.5, 0), (0.5, 1)]
+    assert all(0 <= x["score"] <= 1 and 0 <= x["distinct4"] <= 1 for x in lines)
+    assert all(x["drop"] == round(lines[0]["distinct4"] - x["distinct4"], 3) for x in lines[1:])
+
+
+def test_random_move_refuses_user_mistakes_in_one_line():
+    for args, words in ((["--norms", "big"], "--norms must be a comma-separated list of numbers"),
+                        (["--norms", "0.3,-1"], "--norms must all be positive"),
+                        (["--seeds", ""], "--seeds is empty"),
+                        (["--persona", "nobody"], "no persona file or persona named 'nobody'")):
+        res = _random_move(*args)
+        assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
