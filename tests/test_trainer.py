@@ -411,6 +411,9 @@ def test_resume_refuses_a_mismatched_checkpoint(tiny_model_dir, tmp_path):
     a.update(fixed_samples(a.tokenizer))
     with pytest.raises(UserError):
         Trainer(cfg(mode="full"), model_path=tiny_model_dir, checkpoint_dir=tmp_path)
+    # AdamW's state does not load into SGD (it failed with KeyError 'momentum'), nor the reverse
+    with pytest.raises(UserError, match="optimizer=adamw; this trainer has .* optimizer=sgd"):
+        Trainer(cfg(optimizer="sgd"), model_path=tiny_model_dir, checkpoint_dir=tmp_path)
 
 
 class _ScriptedTeacher(Trainer):

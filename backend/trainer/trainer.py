@@ -899,9 +899,13 @@ class Trainer:
 
         if meta.get("fingerprint") != self.fingerprint:
             raise UserError(f"checkpoint {path} was trained on another base model; use a fresh checkpoint folder.")
-        if meta.get("tp") != self.tp or meta["config"]["mode"] != self.cfg.mode:
-            raise UserError(f"checkpoint {path} has TP={meta.get('tp')} mode={meta['config']['mode']}; "
-                            f"this trainer has TP={self.tp} mode={self.cfg.mode}.")
+        # The optimizer's state only loads into the optimizer that wrote it (checkpoints from before
+        # the option existed are AdamW's).
+        saved_opt = meta["config"].get("optimizer", "adamw")
+        if meta.get("tp") != self.tp or meta["config"]["mode"] != self.cfg.mode or saved_opt != self.cfg.optimizer:
+            raise UserError(f"checkpoint {path} has TP={meta.get('tp')} mode={meta['config']['mode']} "
+                            f"optimizer={saved_opt}; this trainer has TP={self.tp} mode={self.cfg.mode} "
+                            f"optimizer={self.cfg.optimizer}.")
         missing = set(self.trainable) - set(state["trainable"])
         if missing:
             raise UserError(f"checkpoint {path} does not match the trainer's parameters (e.g. {sorted(missing)[0]}).")
