@@ -24,7 +24,6 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 warnings.filterwarnings("ignore")
 
 
@@ -65,11 +64,11 @@ def main() -> int:
     import torch
 
     from backend.trainer import Trainer, TrainerConfig
+    from backend.trainer.lora import lora_product_norm
     from companion.config import load_settings
     from companion.engine.local import LocalEngine
     from companion.models import resolve_model_path
     from companion.sim.evaluation import run_eval
-    from step_probe import lora_product_norm
 
     torch.set_num_threads(args.threads)
     settings = load_settings()

@@ -31,16 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore")
 
 
-def lora_product_norm(trainable: dict, ref: dict) -> float:
-    """sqrt(sum over LoRA pairs of ||B A - B_ref A_ref||_F^2)."""
-    total = 0.0
-    for a in (n for n in trainable if n.endswith("lora_A")):
-        b = a[: -len("A")] + "B"
-        diff = trainable[b] @ trainable[a] - ref[b] @ ref[a]  # [out, in]
-        total += float(diff.pow(2).sum())
-    return total ** 0.5
-
-
 def read_batches(db: Path, n: int) -> list[list[tuple[dict, int, str | None]]]:
     """The first n versions' turns, each as (payload, reward, hint), in the order they were trained."""
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -79,6 +69,7 @@ def main() -> int:
     from backend.samples import build_sample
     from backend.trainer import Trainer
     from backend.trainer.config import config_from_overrides
+    from backend.trainer.lora import lora_product_norm
     from companion.config import load_settings
     from companion.errors import UserError
     from companion.models import resolve_model_path

@@ -135,6 +135,19 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.endswith(".lora_A") or n.endswith(".lora_B")}
 
 
+def lora_product_norm(trainable: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """How far the adapters moved from ``ref`` (same names): sqrt(sum over layers of ||B A - B_ref A_ref||_F^2).
+
+    The factors themselves are not comparable across updates (A and B trade scale); their product is
+    the weight change the adapter adds (before its alpha / r scale). Local shards only under TP."""
+    total = 0.0
+    for a in (n for n in trainable if n.endswith(".lora_A")):
+        b = a[: -len("A")] + "B"
+        diff = trainable[b] @ trainable[a] - ref[b] @ ref[a]  # [out, in]
+        total += float(diff.pow(2).sum())
+    return total ** 0.5
+
+
 @contextlib.contextmanager
 def lora_disabled(model: nn.Module):
     mods = [m for m in model.modules() if hasattr(m, "lora_enabled")]
