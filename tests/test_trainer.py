@@ -559,6 +559,73 @@ def test_opd_rollouts_drop_empty_and_looping_replies_and_keep_an_ended_ones_end(
     assert _ScriptedRollouts(cfg(opd_rollouts=4, w_opd=0.0), model_path=tiny_model_dir).rollout_samples(batch) == []
 
 
+def test_repeated_ngram_positions_mark_every_token_of_a_repeat_but_not_the_first():
+    from backend.trainer.trainer import repeated_ngram_positions
+
+    assert repeated_ngram_positions([1, 2, 3, 4, 5], 2) == []
+    assert repeated_ngram_positions([1, 2, 3, 1, 2, 9], 2) == [3, 4]
+    assert repeated_ngram_positions([7] * 5, 2) == [1, 2, 3, 4]
+    assert repeated_ngram_positions([5, 6, 7, 8, 5, 6, 7, 8], 4) == [4, 5, 6, 7]
+    assert repeated_ngram_positions([5, 6, 7, 5, 6, 8], 4) == []
+
+
+class _ScriptedLoops(Trainer):
+    """The loop term's greedy replies from a script."""
+
+    script: list[list[int]] = []
+
+    def greedy_cached(self, prompts, max_new_tokens):
+        assert max_new_tokens == self.cfg.loop_tokens
+        return [list(r) for r in self.script[: len(prompts)]]
+
+
+def test_loop_term_pushes_down_the_tokens_a_greedy_reply_repeats(tiny_model_dir):
+    from backend.trainer.trainer import repeated_ngram_positions
+
+    # The same batch trained with and without w_loops from the same weights (the term alone: on the tiny
+    # random model p is about 1e-4, so any policy-gradient term would drown it): the first loss differs by
+    # exactly w_loops * mean(-log(1 - p)) over the repeated tokens of the policy's greedy reply, and the
+    # update makes those tokens less likely.
+    probe = Trainer(cfg(), model_path=tiny_model_dir)
+    s = rewarded(probe, -1)
+    loop = probe.greedy_cached([s.prompt_ids], 8)[0]  # the tiny random model's greedy reply loops, surely
+    marked = repeated_ngram_positions(loop, 2)
+    assert marked
+
+    def run(w, script):
+        tr = _ScriptedLoops(cfg(lr=3e-3, w_rl=0.0, w_opd=0.0, w_loops=w, loop_tokens=8, loop_ngram=2), model_path=tiny_model_dir)
+        tr.script = script
+        pair = (s.prompt_ids, loop)
+        old = tr._score([pair])[0]
+        rep = tr.update([s])
+        return old, rep, tr._score([pair])[0]
+
+    old, rep0, after0 = run(0.0, [loop])
+    _, rep1, after1 = run(2.0, [loop])
+    assert (rep0.loop_tokens, rep1.loop_tokens) == ([], [len(marked)]) and rep0.loop_term is None
+    ul = float(-torch.log1p(-old[marked].exp()).mean())
+    assert rep1.loss_first == pytest.approx(rep0.loss_first + 2.0 * ul, rel=1e-5)
+    assert rep1.loop_term == pytest.approx(ul, rel=1e-5)
+    assert torch.equal(after0, old) and bool((after1[marked] < old[marked] - 0.01).all())
+    # a greedy reply that repeats nothing adds nothing: the update is the one without the term
+    _, rep2, after2 = run(2.0, [[5, 6, 7, 8, 9, 10]])
+    assert rep2.loop_tokens == [0] and rep2.loss_first == pytest.approx(rep0.loss_first, rel=1e-6)
+    assert torch.equal(after2, after0)
+
+
+def test_loop_term_rolls_out_every_epoch_one_prompt_per_conversation(tiny_model_dir):
+    tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_tokens=12, loop_prompts=2, epochs=2), model_path=tiny_model_dir)
+    praised, hinted = fixed_samples(tr.tokenizer)
+    rewrite = Sample(**{**praised.to_dict(), "turn_id": "rw", "prompt_ids": praised.prompt_ids + [5, 6, 7]})
+    seen = []
+    real = tr.greedy_cached
+    tr.greedy_cached = lambda prompts, n: seen.append(prompts) or real(prompts, n)
+    rep = tr.update([praised, rewrite, hinted])
+    assert seen == [[praised.prompt_ids, hinted.prompt_ids]] * 2  # the rewrite continues the first conversation
+    assert len(rep.loop_tokens) == 2 and rep.loop_s > 0  # the tiny random model's greedy replies loop
+    assert TrainerConfig().w_loops == 0.0  # off by default
+
+
 class _LoopingProbe(Trainer):
     """A trainer whose greedy probe reports a loop after any update (drives the guard's refusal path)."""
 
@@ -749,7 +816,7 @@ def test_json_overrides_are_checked_up_front_in_one_sentence():
 
 
 def test_config_and_export_errors(tiny_model_dir):
-    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(hint_memory=-1), dict(hint_memory_scope="some"), dict(w_teacher_reply=-1), dict(teacher_replies="yes"), dict(replay_praised=-1), dict(replay_buffer=0), dict(w_replay=-0.5)):
+    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(hint_memory=-1), dict(hint_memory_scope="some"), dict(w_teacher_reply=-1), dict(teacher_replies="yes"), dict(replay_praised=-1), dict(replay_buffer=0), dict(w_replay=-0.5), dict(w_loops=-1), dict(loop_ngram=0), dict(loop_tokens=2)):
         with pytest.raises(UserError):
             TrainerConfig(**bad)
     assert TrainerConfig().learning_rate == 3e-4 and TrainerConfig(mode="full").learning_rate == 1e-5

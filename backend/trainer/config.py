@@ -134,6 +134,20 @@ class TrainerConfig:
         "(in-context copying), so the OPD term does not push a loop down and can push it up.", default=0.5)
     rollout_buffer: int = _help("How many of the newest corrected prompts (with their hints) 'opd_rollouts' draws "
                                 "from after the batch's own (checkpointed).", default=8)
+    w_loops: float = _help(
+        "Weight of the loop term (0 = off): at the start of every epoch of an update the current policy writes "
+        "greedy replies (at most 'loop_tokens' tokens) to 'loop_prompts' of the batch's prompts, one per "
+        "conversation, and every token of an n-gram ('loop_ngram') that repeats an earlier one in the same reply "
+        "gets the unlikelihood loss -log(1 - p), averaged over those tokens (sequence-level unlikelihood, "
+        "Welleck et al. 2019). The replay's evaluations are greedy and its collapse is greedy replies falling "
+        "into loops once learning moves the weights (docs/replay.md, Session 27 section 4: random moves of the "
+        "same size keep their variety, the learned one does not); this term pushes against the loops the "
+        "current weights actually write, on the training prompts. An epoch whose replies repeat nothing adds "
+        "nothing.", default=0.0)
+    loop_prompts: int = _help("Prompts the loop term ('w_loops') writes a greedy reply to per epoch.", default=2)
+    loop_tokens: int = _help("Longest greedy reply of the loop term (tokens); the replay evaluates 160.", default=160)
+    loop_ngram: int = _help("The loop term marks tokens of repeated n-grams of this length (distinct-4 is the "
+                            "replay's collapse measure).", default=4)
     hint_memory: int = _help(
         "Hint memory of the OPD teacher (0 = off): the teacher of every judged sample of an update sees the "
         "user's newest N distinct hints (the judge's, oldest first), not only the hint of that turn "
@@ -245,6 +259,8 @@ class TrainerConfig:
             (self.w_hindsight >= 0, "w_hindsight must be >= 0."),
             (self.w_quoted >= 0, "w_quoted must be >= 0."),
             (self.w_token_match >= 0, "w_token_match must be >= 0."),
+            (self.w_loops >= 0 and self.loop_prompts >= 1 and self.loop_tokens >= 4 and self.loop_ngram >= 1,
+             "w_loops must be >= 0, loop_prompts and loop_ngram at least 1, loop_tokens at least 4."),
             (self.hint_memory >= 0, "hint_memory must be 0 (off) or positive."),
             (self.opd_rollouts >= 0 and self.rollout_tokens >= 1 and self.rollout_buffer >= 1,
              "opd_rollouts must be >= 0, rollout_tokens and rollout_buffer at least 1."),

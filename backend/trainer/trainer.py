@@ -39,6 +39,10 @@ With ``opd_rollouts`` = k the batch also holds up to k greedy replies the curren
 update) to corrected prompts: the batch's hinted ones first, then a seeded pick of earlier ones (newest
 ``rollout_buffer`` kept, checkpointed). Each is a :class:`Rollout`: reward 0, so only the OPD term
 (teacher = the policy with that prompt's hint) gives it advantage; it never enters the reward baseline.
+With ``w_loops`` > 0, at the start of every epoch the current policy writes greedy replies to
+``loop_prompts`` of the batch's prompts (one per conversation); the loss of every optimizer step of that
+epoch also has w_loops * mean(-log(1 - p_t)) over the tokens of n-grams those replies repeat (a
+:class:`LoopReplies`; none when they repeat nothing).
 With ``serve_ema`` = m > 0 the exported (served) weights are an average of the trained ones: after every accepted
 update served <- m * served + (1 - m) * trained, from the initial weights (checkpointed); training, the guards,
 the teacher and rollouts all use the trained weights. A refused update leaves the average as it was.
@@ -100,6 +104,28 @@ def repeated_ngram_fraction(ids: list[int], n: int = 3) -> float:
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
+
+
+def repeated_ngram_positions(ids: list[int], n: int = 4) -> list[int]:
+    """Positions of every token of each n-gram that repeats an earlier n-gram of ``ids`` (the first
+    occurrence is not marked): the candidates of sequence-level unlikelihood (``w_loops``)."""
+    seen: set[tuple[int, ...]] = set()
+    marked: set[int] = set()
+    for i in range(len(ids) - n + 1):
+        g = tuple(ids[i : i + n])
+        if g in seen:
+            marked.update(range(i, i + n))
+        seen.add(g)
+    return sorted(marked)
+
+
+@dataclass
+class LoopReplies:
+    """The loop term's greedy replies of one epoch (``w_loops``): (prompt, reply) pairs and a 0/1 mask
+    [n_tok] over their packed reply tokens marking repeated n-grams."""
+
+    pairs: list[tuple[list[int], list[int]]]
+    mask: torch.Tensor
 
 
 @dataclass
@@ -606,6 +632,24 @@ class Trainer:
                 self._hinted.append(_corrected_prompt(s))
         del self._hinted[: max(0, len(self._hinted) - self.cfg.rollout_buffer)]
 
+    def loop_replies(self, prompts: list[list[int]]) -> LoopReplies | None:
+        """The current weights' greedy replies to ``prompts`` with their repeated-n-gram tokens marked
+        (``w_loops``); None when no reply repeats an n-gram (the term would be 0)."""
+        cfg = self.cfg
+        replies = self.greedy_cached(prompts, cfg.loop_tokens)
+        pairs, marks = [], []
+        for p, r in zip(prompts, replies):
+            r = r[: cfg.max_tokens - 1]  # the reply tokens the trainer's forward scores
+            if not r:
+                continue
+            m = torch.zeros(len(r))  # [len(r)]
+            m[repeated_ngram_positions(r, cfg.loop_ngram)] = 1.0
+            pairs.append((list(p), r))
+            marks.append(m)
+        if not pairs or not any(m.any() for m in marks):
+            return None
+        return LoopReplies(pairs, torch.cat(marks))
+
     def _remember_praised(self, samples: list[Sample]) -> None:
         """Keep the judged replies the judge rewarded +1 for later replay (newest ``replay_buffer``).
         ``samples`` are the batch's judged samples only: teacher-written and replayed ones come after them."""
@@ -738,7 +782,16 @@ class Trainer:
             ends = torch.tensor([t == self.eos_id for s, n in zip(samples, lens) for t in s.response_ids[:n]])
             kl_weights = token_weights * (~ends)  # the anchor leaves the end token alone
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
+        loop_prompts = (distinct_conversations([list(s.prompt_ids) for s in judged])[: cfg.loop_prompts]
+                        if cfg.w_loops > 0 else [])
+        loop_s, loop_tokens, loop_terms = 0.0, [], []
         for _epoch in range(cfg.epochs):
+            loops = None
+            if loop_prompts:
+                tl = time.perf_counter()
+                loops = self.loop_replies(loop_prompts)  # the loops of the weights this epoch starts from
+                loop_s += time.perf_counter() - tl
+                loop_tokens.append(int(loops.mask.sum()) if loops is not None else 0)
             for a in range(0, len(samples), mb):
                 s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
                 need_ent = cfg.entropy_floor > 0 and cfg.entropy_coef > 0
@@ -764,6 +817,12 @@ class Trainer:
                     loss = loss + cfg.w_quoted * L.unlikelihood(lp, quoted[s0:s1])
                 if cfg.w_token_match > 0 and teacher_tok[s0:s1].any():
                     loss = loss + cfg.w_token_match * L.token_match(lp, teacher_lp[s0:s1], teacher_tok[s0:s1] * mask)
+                if loops is not None:
+                    loop_logits, loop_tgt = self._reply_logits(loops.pairs)
+                    loop_lp, _ = L.token_logp(loop_logits, loop_tgt)
+                    term = L.unlikelihood(loop_lp[0], loops.mask)
+                    loss = loss + cfg.w_loops * term
+                    loop_terms.append(float(term.detach()))
                 if base_lp is not None:
                     kl = L.kl_k3(lp, base_lp[s0:s1], kl_weights[s0:s1])
                     loss = loss + cfg.kl_coef * kl
@@ -786,6 +845,7 @@ class Trainer:
             n_teacher_replies=len(samples) - n_judged - len(replayed) - len(hindsight) - len(rollouts),
             n_replayed=len(replayed), n_hindsight=len(hindsight), n_quoted=n_quoted, n_rollouts=len(rollouts),
             teacher_reply_s=teacher_reply_s, rollout_s=rollout_s,
+            loop_s=loop_s, loop_tokens=loop_tokens, loop_term=(sum(loop_terms) / len(loop_terms)) if loop_terms else None,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
             grad_norm=max(norms), baseline=b_used,
