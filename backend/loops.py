@@ -124,6 +124,10 @@ def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
     if report.get("n_rollouts"):  # the policy's own replies to corrected prompts, trained by OPD (opd_rollouts)
         summary["n_rollouts"] = report["n_rollouts"]
         summary["rollout_s"] = report.get("rollout_s")
+    if report.get("loop_tokens"):  # repeated tokens of the policy's own greedy replies, pushed down (w_loops)
+        summary["loop_tokens"] = list(report["loop_tokens"])
+        summary["loop_term"] = report.get("loop_term")
+        summary["loop_s"] = report.get("loop_s")
     if report.get("n_quoted"):  # reply tokens of words the person quoted, pushed down (w_quoted)
         summary["n_quoted"] = report["n_quoted"]
     for k in ("variety_base", "variety_after"):  # the variety guard's figures, when it ran
