@@ -538,9 +538,10 @@ class _ScriptedRollouts(Trainer):
     """Greedy rollouts from a script (the tiny random model's own replies neither end nor vary)."""
 
     script: list[list[int]] = []
+    limit = "rollout_tokens"  # the config field that must set the rollout's length
 
     def greedy_cached(self, prompts, max_new_tokens):
-        assert max_new_tokens == self.cfg.rollout_tokens
+        assert max_new_tokens == getattr(self.cfg, self.limit)
         return [list(r) for r in self.script[: len(prompts)]]
 
 
@@ -569,14 +570,10 @@ def test_repeated_ngram_positions_mark_every_token_of_a_repeat_but_not_the_first
     assert repeated_ngram_positions([5, 6, 7, 5, 6, 8], 4) == []
 
 
-class _ScriptedLoops(Trainer):
+class _ScriptedLoops(_ScriptedRollouts):
     """The loop term's greedy replies from a script."""
 
-    script: list[list[int]] = []
-
-    def greedy_cached(self, prompts, max_new_tokens):
-        assert max_new_tokens == self.cfg.loop_tokens
-        return [list(r) for r in self.script[: len(prompts)]]
+    limit = "loop_tokens"
 
 
 def test_loop_term_pushes_down_the_tokens_a_greedy_reply_repeats(tiny_model_dir):
