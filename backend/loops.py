@@ -9,6 +9,7 @@ blocks another:
     sample thread  : judged turn -> build_sample -> per-user training buffer
     train thread   : per user, a batch of samples -> trainer.update (checkpointed) ->
                      export_delta -> latest delta saved -> published to the user's clients
+                     (while no batch is ready: trainer.prepare, work for the next update)
 
 Stages are pluggable (:class:`Stages`): factories are called lazily *inside* the thread
 that uses them (model loads happen off the socket thread). ``backend.stages`` wires the
@@ -124,10 +125,11 @@ def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
     if report.get("n_rollouts"):  # the policy's own replies to corrected prompts, trained by OPD (opd_rollouts)
         summary["n_rollouts"] = report["n_rollouts"]
         summary["rollout_s"] = report.get("rollout_s")
-    if report.get("loop_tokens"):  # repeated tokens of the policy's own greedy replies, pushed down (w_loops)
-        summary["loop_tokens"] = list(report["loop_tokens"])
+    if report.get("loop_tokens") is not None:  # repeated tokens of the policy's own greedy replies, pushed down (w_loops)
+        summary["loop_tokens"] = int(report["loop_tokens"])
         summary["loop_term"] = report.get("loop_term")
         summary["loop_s"] = report.get("loop_s")
+        summary["loop_prepared"] = bool(report.get("loop_prepared"))
     if report.get("n_quoted"):  # reply tokens of words the person quoted, pushed down (w_quoted)
         summary["n_quoted"] = report["n_quoted"]
     for k in ("variety_base", "variety_after"):  # the variety guard's figures, when it ran
@@ -168,6 +170,7 @@ class Pipeline:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._memory_build: Callable | None = None  # sample builder for hint_memory, made on first use
+        self._prepare_failed: set[str] = set()  # users whose trainer's idle-time preparation raised
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -323,16 +326,37 @@ class Pipeline:
         while not self._stop.is_set():
             with self._buf_lock:
                 user = self._ready_user()
-                if user is None:
-                    self._buf_lock.wait(timeout=0.5)
-                    continue
-                batch = [s for _, s in self._buffers[user][: self.cfg.batch_size]]
-                del self._buffers[user][: len(batch)]
+                if user is not None:
+                    batch = [s for _, s in self._buffers[user][: self.cfg.batch_size]]
+                    del self._buffers[user][: len(batch)]
+            if user is None:
+                if not self._prepare_trainers():
+                    with self._buf_lock:
+                        if self._ready_user() is None:
+                            self._buf_lock.wait(timeout=0.5)
+                continue
             self.busy["train"] = True
             try:
                 self._train(user, batch)
             finally:
                 self.busy["train"] = False
+
+    def _prepare_trainers(self) -> bool:
+        """While no batch is ready: one piece of the trainers' work for their next update
+        (``Trainer.prepare``, e.g. the loop term's greedy replies), so the update itself is shorter.
+        True if some was done. A trainer whose preparation failed is left alone until its next update
+        (the update then does the work itself)."""
+        for user, tr in list(self._trainers.items()):
+            prepare = getattr(tr, "prepare", None)  # the tiny stages' trainer has nothing to prepare
+            if prepare is None or user in self._prepare_failed:
+                continue
+            try:
+                if prepare():
+                    return True
+            except Exception:
+                log.exception("user %s: preparing the next update failed", user)
+                self._prepare_failed.add(user)
+        return False
 
     def _ready_user(self) -> str | None:
         now = time.time()
@@ -345,6 +369,7 @@ class Pipeline:
 
     def _train(self, user: str, batch: list[Any]) -> None:
         tr = self.trainer_for(user)
+        self._prepare_failed.discard(user)
         fresh = [s for s in batch if int(s.policy_version) >= tr.version - self.cfg.max_staleness]
         stale = [s.turn_id for s in batch if int(s.policy_version) < tr.version - self.cfg.max_staleness]
         if stale:

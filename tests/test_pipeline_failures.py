@@ -46,3 +46,53 @@ def test_updates_that_keep_failing_are_counted_and_shown_until_one_succeeds(tmp_
     pipe._train("u", [sample])
     st = pipe.stats()
     assert st["train_failures"] == {} and st["train_error"] == {} and st["policy_versions"]["u"] == 1
+
+
+def test_an_idle_train_stage_prepares_the_next_update_and_leaves_a_failing_preparation_alone(tmp_path):
+    # While no batch is ready the train thread gives the trainers their idle-time work (Trainer.prepare:
+    # the loop term's greedy replies); one that raised is not called again until its next update.
+    import threading
+    import time
+
+    store = Store(tmp_path / "backend.db")
+    store.add_turn("u", {"turn_id": "t0", "client_id": "u", "session_id": "s1", "index": 0, "prompt_ids": [1, 2],
+                         "messages": [{"role": "user", "content": "hi"}], "reply": "yo", "next_message": "meh"})
+    store.set_judgment("t0", -1, [-1, -1, -1], None, "test", 0.0)
+    stages = type("Stages", (), {"fingerprint": None})()
+    pipe = Pipeline(store, stages=stages, cfg=PipelineConfig(), data_dir=tmp_path, publish=lambda *a: None)
+
+    class Trainer:
+        version = 0
+
+        def __init__(self):
+            self.results = [True, RuntimeError("no memory"), True, False]
+            self.calls = 0
+
+        def prepare(self):
+            self.calls += 1
+            r = self.results.pop(0) if self.results else False
+            if isinstance(r, Exception):
+                raise r
+            return r
+
+        def update(self, samples):
+            self.version += 1
+            return {"loss": 0.1}
+
+        def export_delta(self):
+            return Delta(self.version, self.version - 1, "full", {"w": torch.zeros(2)}, {})
+
+    tr = pipe._trainers["u"] = Trainer()
+    assert pipe._prepare_trainers() is True
+    assert pipe._prepare_trainers() is False and tr.calls == 2  # raised: logged, not fatal
+    assert pipe._prepare_trainers() is False and tr.calls == 2  # left alone until the next update
+    pipe._train("u", [Sample("t0", "u", [1, 2], [3], None, -1, None, None, 0)])
+    # the train loop itself calls it when idle
+    loop = threading.Thread(target=pipe._train_loop, daemon=True)
+    loop.start()
+    deadline = time.time() + 10
+    while tr.calls < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    pipe._stop.set()
+    loop.join(timeout=5)
+    assert tr.calls >= 4 and not loop.is_alive()

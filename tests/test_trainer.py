@@ -599,28 +599,50 @@ def test_loop_term_pushes_down_the_tokens_a_greedy_reply_repeats(tiny_model_dir)
 
     old, rep0, after0 = run(0.0, [loop])
     _, rep1, after1 = run(2.0, [loop])
-    assert (rep0.loop_tokens, rep1.loop_tokens) == ([], [len(marked)]) and rep0.loop_term is None
+    assert (rep0.loop_tokens, rep1.loop_tokens) == (None, len(marked)) and rep0.loop_term is None
     ul = float(-torch.log1p(-old[marked].exp()).mean())
     assert rep1.loss_first == pytest.approx(rep0.loss_first + 2.0 * ul, rel=1e-5)
     assert rep1.loop_term == pytest.approx(ul, rel=1e-5)
     assert torch.equal(after0, old) and bool((after1[marked] < old[marked] - 0.01).all())
     # a greedy reply that repeats nothing adds nothing: the update is the one without the term
     _, rep2, after2 = run(2.0, [[5, 6, 7, 8, 9, 10]])
-    assert rep2.loop_tokens == [0] and rep2.loss_first == pytest.approx(rep0.loss_first, rel=1e-6)
+    assert rep2.loop_tokens == 0 and rep2.loss_first == pytest.approx(rep0.loss_first, rel=1e-6)
     assert torch.equal(after2, after0)
 
 
-def test_loop_term_rolls_out_every_epoch_one_prompt_per_conversation(tiny_model_dir):
-    tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_tokens=12, loop_prompts=2, epochs=2), model_path=tiny_model_dir)
-    praised, hinted = fixed_samples(tr.tokenizer)
+def test_loop_term_writes_once_per_update_to_the_previous_batch_and_prepare_takes_it_off_the_update(tiny_model_dir, tmp_path):
+    praised, hinted = fixed_samples(Trainer(cfg(), model_path=tiny_model_dir).tokenizer)
     rewrite = Sample(**{**praised.to_dict(), "turn_id": "rw", "prompt_ids": praised.prompt_ids + [5, 6, 7]})
-    seen = []
-    real = tr.greedy_cached
-    tr.greedy_cached = lambda prompts, n: seen.append(prompts) or real(prompts, n)
-    rep = tr.update([praised, rewrite, hinted])
-    assert seen == [[praised.prompt_ids, hinted.prompt_ids]] * 2  # the rewrite continues the first conversation
-    assert len(rep.loop_tokens) == 2 and rep.loop_s > 0  # the tiny random model's greedy replies loop
-    assert TrainerConfig().w_loops == 0.0  # off by default
+    other = Sample(**{**praised.to_dict(), "turn_id": "o", "prompt_ids": hinted.prompt_ids + [8, 9]})
+    batches = [[praised, rewrite, hinted], [other, praised], [hinted, other]]
+
+    def trained(prepare: bool, ckpt=None):
+        tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_tokens=12, loop_prompts=2, epochs=2), model_path=tiny_model_dir,
+                     checkpoint_dir=ckpt)
+        seen, real = [], tr.greedy_cached
+        tr.greedy_cached = lambda prompts, n: seen.append(prompts) or real(prompts, n)
+        reps = []
+        for b in batches:
+            if prepare:
+                tr.prepare()
+            reps.append(tr.update(b))
+        return tr, seen, reps
+
+    tr, seen, reps = trained(prepare=False, ckpt=tmp_path)
+    # once per update (two epochs), one prompt per conversation (the rewrite continues the first one):
+    # the first update its own batch, then each the batch before it
+    assert seen == [[praised.prompt_ids, hinted.prompt_ids], [praised.prompt_ids, hinted.prompt_ids],
+                    [other.prompt_ids, praised.prompt_ids]]
+    assert all(r.loop_s > 0 and not r.loop_prepared for r in reps) and reps[0].loop_tokens > 0  # the tiny model loops
+    # prepared while idle: the same replies, so the same weights, and the updates after the first write none
+    ptr, pseen, preps = trained(prepare=True)
+    assert pseen == seen and [r.loop_prepared for r in preps] == [False, True, True]
+    assert preps[1].loop_s == 0.0 and [r.loop_tokens for r in preps] == [r.loop_tokens for r in reps]
+    assert all(torch.equal(p, tr.trainable[n]) for n, p in ptr.trainable.items())
+    assert ptr.prepare() is True and ptr.prepare() is False  # nothing left until the next update
+    # the next update's prompts survive a restart
+    assert Trainer(cfg(w_loops=1.0, loop_tokens=12, epochs=2), model_path=tiny_model_dir, checkpoint_dir=tmp_path).prepare()
+    assert TrainerConfig().w_loops == 0.0 and Trainer(cfg(), model_path=tiny_model_dir).prepare() is False  # off by default
 
 
 class _LoopingProbe(Trainer):

@@ -135,16 +135,16 @@ class TrainerConfig:
     rollout_buffer: int = _help("How many of the newest corrected prompts (with their hints) 'opd_rollouts' draws "
                                 "from after the batch's own (checkpointed).", default=8)
     w_loops: float = _help(
-        "Weight of the loop term (0 = off): at the start of every epoch of an update the current policy writes "
-        "greedy replies (at most 'loop_tokens' tokens) to 'loop_prompts' of the batch's prompts, one per "
-        "conversation, and every token of an n-gram ('loop_ngram') that repeats an earlier one in the same reply "
+        "Weight of the loop term (0 = off): once per update the weights it starts from write greedy replies (at "
+        "most 'loop_tokens' tokens) to 'loop_prompts' prompts of the previous batch, one per conversation (written "
+        "while the backend is idle, so the update does not wait for them), and every token of an n-gram ('loop_ngram') that repeats an earlier one in the same reply "
         "gets the unlikelihood loss -log(1 - p), averaged over those tokens (sequence-level unlikelihood, "
         "Welleck et al. 2019). The replay's evaluations are greedy and its collapse is greedy replies falling "
         "into loops once learning moves the weights (docs/replay.md, Session 27 section 4: random moves of the "
         "same size keep their variety, the learned one does not); this term pushes against the loops the "
-        "current weights actually write, on the training prompts. An epoch whose replies repeat nothing adds "
-        "nothing.", default=0.0)
-    loop_prompts: int = _help("Prompts the loop term ('w_loops') writes a greedy reply to per epoch.", default=2)
+        "current weights actually write, on the training prompts. Replies that repeat nothing add nothing. "
+        "Until Session 29 the replies were written at the start of every epoch, to the batch's own prompts.", default=0.0)
+    loop_prompts: int = _help("Prompts the loop term ('w_loops') writes a greedy reply to per update.", default=2)
     loop_tokens: int = _help("Longest greedy reply of the loop term (tokens); the replay evaluates 160.", default=160)
     loop_ngram: int = _help("The loop term marks tokens of repeated n-grams of this length (distinct-4 is the "
                             "replay's collapse measure).", default=4)

@@ -39,10 +39,14 @@ With ``opd_rollouts`` = k the batch also holds up to k greedy replies the curren
 update) to corrected prompts: the batch's hinted ones first, then a seeded pick of earlier ones (newest
 ``rollout_buffer`` kept, checkpointed). Each is a :class:`Rollout`: reward 0, so only the OPD term
 (teacher = the policy with that prompt's hint) gives it advantage; it never enters the reward baseline.
-With ``w_loops`` > 0, at the start of every epoch the current policy writes greedy replies to
-``loop_prompts`` of the batch's prompts (one per conversation); the loss of every optimizer step of that
-epoch also has w_loops * mean(-log(1 - p_t)) over the tokens of n-grams those replies repeat (a
-:class:`LoopReplies`; none when they repeat nothing).
+With ``w_loops`` > 0, once per update the weights the update starts from write greedy replies to
+``loop_prompts`` prompts of the *previous* batch (one per conversation; the first update after a start uses
+its own batch); the loss of every optimizer step also has w_loops * mean(-log(1 - p_t)) over the tokens of
+n-grams those replies repeat (a :class:`LoopReplies`; none when they repeat nothing). Because both the
+weights and the prompts are known when the previous update ends, :meth:`Trainer.prepare` writes them while
+the backend is idle (the person reading and typing), off the update's critical path; the update writes
+them itself when they were not prepared. Either way they are the same replies, so timing never changes
+what is learned.
 With ``serve_ema`` = m > 0 the exported (served) weights are an average of the trained ones: after every accepted
 update served <- m * served + (1 - m) * trained, from the initial weights (checkpointed); training, the guards,
 the teacher and rollouts all use the trained weights. A refused update leaves the average as it was.
@@ -121,7 +125,7 @@ def repeated_ngram_positions(ids: list[int], n: int = 4) -> list[int]:
 
 @dataclass
 class LoopReplies:
-    """The loop term's greedy replies of one epoch (``w_loops``): (prompt, reply) pairs and a 0/1 mask
+    """The loop term's greedy replies of one update (``w_loops``): (prompt, reply) pairs and a 0/1 mask
     [n_tok] over their packed reply tokens marking repeated n-grams."""
 
     pairs: list[tuple[list[int], list[int]]]
@@ -220,6 +224,8 @@ class Trainer:
         self._variety_base: float | None = None  # their pooled distinct-4 share under the frozen base
         self._praised: list[dict] = []  # newest replay_buffer praised replies: turn_id, user, prompt_ids, response_ids
         self._hinted: list[dict] = []  # newest rollout_buffer corrected prompts: turn_id, user, prompt_ids, teacher_prompt_ids, ...
+        self._loop_prompts: list[list[int]] = []  # the loop term's prompts for the next update (the last batch's)
+        self._loop_ready: tuple[int, LoopReplies | None] | None = None  # (version, replies) written by prepare()
         # serve_ema: the average of the trained weights that is exported (None = export the trained weights)
         self._served: dict[str, torch.Tensor] | None = self._trained_copy() if cfg.serve_ema > 0 else None
         if self.checkpoint_dir is not None:
@@ -632,6 +638,26 @@ class Trainer:
                 self._hinted.append(_corrected_prompt(s))
         del self._hinted[: max(0, len(self._hinted) - self.cfg.rollout_buffer)]
 
+    def prepare(self) -> bool:
+        """Idle-time work for the next update; True if there was some. The backend calls it when no batch
+        is ready. Today: the loop term's greedy replies (``w_loops``) of the current weights, which are the
+        weights the next update starts from (nothing else changes them between updates)."""
+        if self.cfg.w_loops <= 0 or not self._loop_prompts or self._loop_ready is not None:
+            return False
+        self._loop_ready = (self.version, self.loop_replies(self._loop_prompts))
+        return True
+
+    def _update_loops(self, judged: list[Sample]) -> tuple[LoopReplies | None, float, bool]:
+        """(replies, seconds spent writing them now, whether :meth:`prepare` had written them) for this
+        update's loop term."""
+        ready, self._loop_ready = self._loop_ready, None
+        prompts = self._loop_prompts or distinct_conversations([list(s.prompt_ids) for s in judged])[: self.cfg.loop_prompts]
+        if ready is not None and ready[0] == self.version:
+            return ready[1], 0.0, True
+        t = time.perf_counter()
+        loops = self.loop_replies(prompts)
+        return loops, time.perf_counter() - t, False
+
     def loop_replies(self, prompts: list[list[int]]) -> LoopReplies | None:
         """The current weights' greedy replies to ``prompts`` with their repeated-n-gram tokens marked
         (``w_loops``); None when no reply repeats an n-gram (the term would be 0)."""
@@ -782,16 +808,9 @@ class Trainer:
             ends = torch.tensor([t == self.eos_id for s, n in zip(samples, lens) for t in s.response_ids[:n]])
             kl_weights = token_weights * (~ends)  # the anchor leaves the end token alone
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
-        loop_prompts = (distinct_conversations([list(s.prompt_ids) for s in judged])[: cfg.loop_prompts]
-                        if cfg.w_loops > 0 else [])
-        loop_s, loop_tokens, loop_terms = 0.0, [], []
+        loops, loop_s, loop_prepared = self._update_loops(judged) if cfg.w_loops > 0 else (None, 0.0, False)
+        loop_terms = []
         for _epoch in range(cfg.epochs):
-            loops = None
-            if loop_prompts:
-                tl = time.perf_counter()
-                loops = self.loop_replies(loop_prompts)  # the loops of the weights this epoch starts from
-                loop_s += time.perf_counter() - tl
-                loop_tokens.append(int(loops.mask.sum()) if loops is not None else 0)
             for a in range(0, len(samples), mb):
                 s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
                 need_ent = cfg.entropy_floor > 0 and cfg.entropy_coef > 0
@@ -845,7 +864,9 @@ class Trainer:
             n_teacher_replies=len(samples) - n_judged - len(replayed) - len(hindsight) - len(rollouts),
             n_replayed=len(replayed), n_hindsight=len(hindsight), n_quoted=n_quoted, n_rollouts=len(rollouts),
             teacher_reply_s=teacher_reply_s, rollout_s=rollout_s,
-            loop_s=loop_s, loop_tokens=loop_tokens, loop_term=(sum(loop_terms) / len(loop_terms)) if loop_terms else None,
+            loop_s=loop_s, loop_prepared=loop_prepared,
+            loop_tokens=(int(loops.mask.sum()) if loops is not None else 0) if cfg.w_loops > 0 else None,
+            loop_term=(sum(loop_terms) / len(loop_terms)) if loop_terms else None,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
             grad_norm=max(norms), baseline=b_used,
@@ -888,6 +909,8 @@ class Trainer:
             self._average_served()
         self._remember_praised(judged)  # the person's praise stands even when the guard refused the update
         self._remember_hinted(judged)  # as do their corrections
+        if cfg.w_loops > 0:  # the next update's loop prompts, which prepare() can write replies to meanwhile
+            self._loop_prompts = distinct_conversations([list(s.prompt_ids) for s in judged])[: cfg.loop_prompts]
         self.version += 1
         report["version"] = self.version
         self._save()
@@ -937,7 +960,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "version": self.version, "step": self.step, "baseline": self.baseline, "n_rewards": self.n_rewards,
             "probe_prompts": self._probe_prompts, "probe_rep": self._probe_rep, "praised": self._praised,
-            "hinted": self._hinted,
+            "hinted": self._hinted, "loop_prompts": self._loop_prompts,
             "variety_prompts": self._variety_prompts, "variety_base": self._variety_base,
         }
 
@@ -979,6 +1002,7 @@ class Trainer:
         self._probe_rep = tuple(state["probe_rep"]) if state.get("probe_rep") else None
         self._praised = list(state.get("praised") or [])
         self._hinted = list(state.get("hinted") or [])
+        self._loop_prompts = list(state.get("loop_prompts") or [])
         self._variety_prompts = state.get("variety_prompts") or []
         self._variety_base = state.get("variety_base")
         if self._served is not None:  # a checkpoint from before serve_ema was on starts its average here
