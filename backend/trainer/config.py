@@ -137,7 +137,8 @@ class TrainerConfig:
     w_loops: float = _help(
         "Weight of the loop term (0 = off): once per update the weights it starts from write greedy replies (at "
         "most 'loop_tokens' tokens) to 'loop_prompts' prompts of the previous batch, one per conversation (written "
-        "while the backend is idle, so the update does not wait for them), and every token of an n-gram ('loop_ngram') that repeats an earlier one in the same reply "
+        "while the backend is idle, so the update does not wait for them), and every token of an n-gram "
+        "('loop_ngram') that repeats an earlier one in the same reply "
         "gets the unlikelihood loss -log(1 - p), averaged over those tokens (sequence-level unlikelihood, "
         "Welleck et al. 2019). The replay's evaluations are greedy and its collapse is greedy replies falling "
         "into loops once learning moves the weights (docs/replay.md, Session 27 section 4: random moves of the "

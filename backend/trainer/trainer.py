@@ -651,12 +651,16 @@ class Trainer:
         """(replies, seconds spent writing them now, whether :meth:`prepare` had written them) for this
         update's loop term."""
         ready, self._loop_ready = self._loop_ready, None
-        prompts = self._loop_prompts or distinct_conversations([list(s.prompt_ids) for s in judged])[: self.cfg.loop_prompts]
+        prompts = self._loop_prompts or self._loop_prompts_of(judged)
         if ready is not None and ready[0] == self.version:
             return ready[1], 0.0, True
         t = time.perf_counter()
         loops = self.loop_replies(prompts)
         return loops, time.perf_counter() - t, False
+
+    def _loop_prompts_of(self, judged: list[Sample]) -> list[list[int]]:
+        """The loop term's prompts from a batch: the first ``loop_prompts``, one per conversation."""
+        return distinct_conversations([list(s.prompt_ids) for s in judged])[: self.cfg.loop_prompts]
 
     def loop_replies(self, prompts: list[list[int]]) -> LoopReplies | None:
         """The current weights' greedy replies to ``prompts`` with their repeated-n-gram tokens marked
@@ -910,7 +914,7 @@ class Trainer:
         self._remember_praised(judged)  # the person's praise stands even when the guard refused the update
         self._remember_hinted(judged)  # as do their corrections
         if cfg.w_loops > 0:  # the next update's loop prompts, which prepare() can write replies to meanwhile
-            self._loop_prompts = distinct_conversations([list(s.prompt_ids) for s in judged])[: cfg.loop_prompts]
+            self._loop_prompts = self._loop_prompts_of(judged)
         self.version += 1
         report["version"] = self.version
         self._save()
