@@ -125,8 +125,8 @@ def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
     if report.get("n_rollouts"):  # the policy's own replies to corrected prompts, trained by OPD (opd_rollouts)
         summary["n_rollouts"] = report["n_rollouts"]
         summary["rollout_s"] = report.get("rollout_s")
-    if report.get("loop_tokens") is not None:  # repeated tokens of the policy's own greedy replies, pushed down (w_loops)
-        summary["loop_tokens"] = int(report["loop_tokens"])
+    if report.get("loop_tokens"):  # repeated tokens of the policy's own greedy replies, pushed down (w_loops)
+        summary["loop_tokens"] = list(report["loop_tokens"])
         summary["loop_term"] = report.get("loop_term")
         summary["loop_s"] = report.get("loop_s")
         summary["loop_prepared"] = bool(report.get("loop_prepared"))

@@ -599,26 +599,40 @@ def test_loop_term_pushes_down_the_tokens_a_greedy_reply_repeats(tiny_model_dir)
 
     old, rep0, after0 = run(0.0, [loop])
     _, rep1, after1 = run(2.0, [loop])
-    assert (rep0.loop_tokens, rep1.loop_tokens) == (None, len(marked)) and rep0.loop_term is None
+    assert (rep0.loop_tokens, rep1.loop_tokens) == ([], [len(marked)]) and rep0.loop_term is None
     ul = float(-torch.log1p(-old[marked].exp()).mean())
     assert rep1.loss_first == pytest.approx(rep0.loss_first + 2.0 * ul, rel=1e-5)
     assert rep1.loop_term == pytest.approx(ul, rel=1e-5)
     assert torch.equal(after0, old) and bool((after1[marked] < old[marked] - 0.01).all())
     # a greedy reply that repeats nothing adds nothing: the update is the one without the term
     _, rep2, after2 = run(2.0, [[5, 6, 7, 8, 9, 10]])
-    assert rep2.loop_tokens == 0 and rep2.loss_first == pytest.approx(rep0.loss_first, rel=1e-6)
+    assert rep2.loop_tokens == [0] and rep2.loss_first == pytest.approx(rep0.loss_first, rel=1e-6)
     assert torch.equal(after2, after0)
 
 
-def test_loop_term_writes_once_per_update_to_the_previous_batch_and_prepare_takes_it_off_the_update(tiny_model_dir, tmp_path):
+def test_loop_term_rolls_out_every_epoch_one_prompt_per_conversation_by_default(tiny_model_dir):
+    tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_tokens=12, loop_prompts=2, epochs=2), model_path=tiny_model_dir)
+    praised, hinted = fixed_samples(tr.tokenizer)
+    rewrite = Sample(**{**praised.to_dict(), "turn_id": "rw", "prompt_ids": praised.prompt_ids + [5, 6, 7]})
+    seen = []
+    real = tr.greedy_cached
+    tr.greedy_cached = lambda prompts, n: seen.append(prompts) or real(prompts, n)
+    rep = tr.update([praised, rewrite, hinted])
+    assert seen == [[praised.prompt_ids, hinted.prompt_ids]] * 2  # the rewrite continues the first conversation
+    assert len(rep.loop_tokens) == 2 and rep.loop_s > 0 and not rep.loop_prepared  # the tiny model's replies loop
+    assert tr.prepare() is False  # nothing is written ahead in this mode
+    assert TrainerConfig().w_loops == 0.0 and TrainerConfig().loop_refresh == "epoch"  # off by default
+
+
+def test_loop_refresh_update_writes_once_to_the_previous_batch_and_prepare_takes_it_off_the_update(tiny_model_dir, tmp_path):
     praised, hinted = fixed_samples(Trainer(cfg(), model_path=tiny_model_dir).tokenizer)
     rewrite = Sample(**{**praised.to_dict(), "turn_id": "rw", "prompt_ids": praised.prompt_ids + [5, 6, 7]})
     other = Sample(**{**praised.to_dict(), "turn_id": "o", "prompt_ids": hinted.prompt_ids + [8, 9]})
     batches = [[praised, rewrite, hinted], [other, praised], [hinted, other]]
 
     def trained(prepare: bool, ckpt=None):
-        tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_tokens=12, loop_prompts=2, epochs=2), model_path=tiny_model_dir,
-                     checkpoint_dir=ckpt)
+        tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_refresh="update", loop_tokens=12, loop_prompts=2, epochs=2),
+                     model_path=tiny_model_dir, checkpoint_dir=ckpt)
         seen, real = [], tr.greedy_cached
         tr.greedy_cached = lambda prompts, n: seen.append(prompts) or real(prompts, n)
         reps = []
@@ -633,7 +647,8 @@ def test_loop_term_writes_once_per_update_to_the_previous_batch_and_prepare_take
     # the first update its own batch, then each the batch before it
     assert seen == [[praised.prompt_ids, hinted.prompt_ids], [praised.prompt_ids, hinted.prompt_ids],
                     [other.prompt_ids, praised.prompt_ids]]
-    assert all(r.loop_s > 0 and not r.loop_prepared for r in reps) and reps[0].loop_tokens > 0  # the tiny model loops
+    assert all(r.loop_s > 0 and not r.loop_prepared and len(r.loop_tokens) == 1 for r in reps)
+    assert reps[0].loop_tokens[0] > 0  # the tiny model's greedy replies loop
     # prepared while idle: the same replies, so the same weights, and the updates after the first write none
     ptr, pseen, preps = trained(prepare=True)
     assert pseen == seen and [r.loop_prepared for r in preps] == [False, True, True]
@@ -641,8 +656,9 @@ def test_loop_term_writes_once_per_update_to_the_previous_batch_and_prepare_take
     assert all(torch.equal(p, tr.trainable[n]) for n, p in ptr.trainable.items())
     assert ptr.prepare() is True and ptr.prepare() is False  # nothing left until the next update
     # the next update's prompts survive a restart
-    assert Trainer(cfg(w_loops=1.0, loop_tokens=12, epochs=2), model_path=tiny_model_dir, checkpoint_dir=tmp_path).prepare()
-    assert TrainerConfig().w_loops == 0.0 and Trainer(cfg(), model_path=tiny_model_dir).prepare() is False  # off by default
+    assert Trainer(cfg(w_loops=1.0, loop_refresh="update", loop_tokens=12, epochs=2), model_path=tiny_model_dir,
+                   checkpoint_dir=tmp_path).prepare()
+    assert Trainer(cfg(), model_path=tiny_model_dir).prepare() is False  # the term is off by default
 
 
 class _LoopingProbe(Trainer):
@@ -835,7 +851,7 @@ def test_json_overrides_are_checked_up_front_in_one_sentence():
 
 
 def test_config_and_export_errors(tiny_model_dir):
-    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(hint_memory=-1), dict(hint_memory_scope="some"), dict(w_teacher_reply=-1), dict(teacher_replies="yes"), dict(replay_praised=-1), dict(replay_buffer=0), dict(w_replay=-0.5), dict(w_loops=-1), dict(loop_ngram=0), dict(loop_tokens=2)):
+    for bad in (dict(mode="half"), dict(lora_rank=0), dict(teacher="gpt"), dict(lora_targets=("mlp",)), dict(lr=-1), dict(loss_agg="mean"), dict(lr_decay=-1), dict(hint_memory=-1), dict(hint_memory_scope="some"), dict(w_teacher_reply=-1), dict(teacher_replies="yes"), dict(replay_praised=-1), dict(replay_buffer=0), dict(w_replay=-0.5), dict(w_loops=-1), dict(loop_ngram=0), dict(loop_tokens=2), dict(loop_refresh="turn")):
         with pytest.raises(UserError):
             TrainerConfig(**bad)
     assert TrainerConfig().learning_rate == 3e-4 and TrainerConfig(mode="full").learning_rate == 1e-5

@@ -135,17 +135,22 @@ class TrainerConfig:
     rollout_buffer: int = _help("How many of the newest corrected prompts (with their hints) 'opd_rollouts' draws "
                                 "from after the batch's own (checkpointed).", default=8)
     w_loops: float = _help(
-        "Weight of the loop term (0 = off): once per update the weights it starts from write greedy replies (at "
-        "most 'loop_tokens' tokens) to 'loop_prompts' prompts of the previous batch, one per conversation (written "
-        "while the backend is idle, so the update does not wait for them), and every token of an n-gram "
-        "('loop_ngram') that repeats an earlier one in the same reply "
+        "Weight of the loop term (0 = off): the current weights write greedy replies (at most 'loop_tokens' "
+        "tokens) to 'loop_prompts' training prompts, one per conversation, when 'loop_refresh' says, and every "
+        "token of an n-gram ('loop_ngram') that repeats an earlier one in the same reply "
         "gets the unlikelihood loss -log(1 - p), averaged over those tokens (sequence-level unlikelihood, "
         "Welleck et al. 2019). The replay's evaluations are greedy and its collapse is greedy replies falling "
         "into loops once learning moves the weights (docs/replay.md, Session 27 section 4: random moves of the "
         "same size keep their variety, the learned one does not); this term pushes against the loops the "
-        "current weights actually write, on the training prompts. Replies that repeat nothing add nothing. "
-        "Until Session 29 the replies were written at the start of every epoch, to the batch's own prompts.", default=0.0)
-    loop_prompts: int = _help("Prompts the loop term ('w_loops') writes a greedy reply to per update.", default=2)
+        "current weights actually write, on the training prompts. Replies that repeat nothing add nothing.",
+        default=0.0)
+    loop_refresh: str = _help(
+        "When the loop term writes its replies: 'epoch' (at the start of every epoch, to the batch's prompts, "
+        "inside the update: Session 28's measured gain, at 1.8x the replay's wall) or 'update' (once per update, "
+        "from the weights it starts from, to the previous batch's prompts, written while the backend is idle by "
+        "Trainer.prepare so the update does not wait: about 1.2x the wall; docs/replay.md, Session 29).",
+        default="epoch")
+    loop_prompts: int = _help("Prompts the loop term ('w_loops') writes a greedy reply to each time.", default=2)
     loop_tokens: int = _help("Longest greedy reply of the loop term (tokens); the replay evaluates 160.", default=160)
     loop_ngram: int = _help("The loop term marks tokens of repeated n-grams of this length (distinct-4 is the "
                             "replay's collapse measure).", default=4)
@@ -270,6 +275,7 @@ class TrainerConfig:
             (self.hint_placement in HINT_PLACEMENTS,
              "hint_placement must be " + " or ".join(repr(p) for p in HINT_PLACEMENTS) + "."),
             (self.loss_agg in ("token", "sample"), "loss_agg must be 'token' or 'sample'."),
+            (self.loop_refresh in ("epoch", "update"), "loop_refresh must be 'epoch' or 'update'."),
             (self.baseline in ("ema", "mean", "none"), "baseline must be 'ema', 'mean' or 'none'."),
             (0 <= self.baseline_momentum < 1, "baseline_momentum must be in [0, 1)."),
             (0 <= self.serve_ema < 1, "serve_ema must be in [0, 1)."),

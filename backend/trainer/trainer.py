@@ -39,14 +39,15 @@ With ``opd_rollouts`` = k the batch also holds up to k greedy replies the curren
 update) to corrected prompts: the batch's hinted ones first, then a seeded pick of earlier ones (newest
 ``rollout_buffer`` kept, checkpointed). Each is a :class:`Rollout`: reward 0, so only the OPD term
 (teacher = the policy with that prompt's hint) gives it advantage; it never enters the reward baseline.
-With ``w_loops`` > 0, once per update the weights the update starts from write greedy replies to
-``loop_prompts`` prompts of the *previous* batch (one per conversation; the first update after a start uses
-its own batch); the loss of every optimizer step also has w_loops * mean(-log(1 - p_t)) over the tokens of
-n-grams those replies repeat (a :class:`LoopReplies`; none when they repeat nothing). Because both the
-weights and the prompts are known when the previous update ends, :meth:`Trainer.prepare` writes them while
-the backend is idle (the person reading and typing), off the update's critical path; the update writes
-them itself when they were not prepared. Either way they are the same replies, so timing never changes
-what is learned.
+With ``w_loops`` > 0 the current weights write greedy replies to ``loop_prompts`` training prompts (one per
+conversation) and the loss of every optimizer step also has w_loops * mean(-log(1 - p_t)) over the tokens
+of n-grams those replies repeat (a :class:`LoopReplies`; none when they repeat nothing). With
+``loop_refresh`` 'epoch' the replies are written at the start of every epoch, to the batch's prompts. With
+'update' they are written once per update, from the weights the update starts from, to the *previous*
+batch's prompts (the first update after a start: its own): both are known when the previous update ends,
+so :meth:`Trainer.prepare` writes them while the backend is idle (the person reading and typing), off the
+update's critical path, and the update writes them itself when they were not prepared. Either way they
+are the same replies, so timing never changes what is learned.
 With ``serve_ema`` = m > 0 the exported (served) weights are an average of the trained ones: after every accepted
 update served <- m * served + (1 - m) * trained, from the initial weights (checkpointed); training, the guards,
 the teacher and rollouts all use the trained weights. A refused update leaves the average as it was.
@@ -125,7 +126,7 @@ def repeated_ngram_positions(ids: list[int], n: int = 4) -> list[int]:
 
 @dataclass
 class LoopReplies:
-    """The loop term's greedy replies of one update (``w_loops``): (prompt, reply) pairs and a 0/1 mask
+    """The loop term's greedy replies (``w_loops``): (prompt, reply) pairs and a 0/1 mask
     [n_tok] over their packed reply tokens marking repeated n-grams."""
 
     pairs: list[tuple[list[int], list[int]]]
@@ -640,16 +641,18 @@ class Trainer:
 
     def prepare(self) -> bool:
         """Idle-time work for the next update; True if there was some. The backend calls it when no batch
-        is ready. Today: the loop term's greedy replies (``w_loops``) of the current weights, which are the
-        weights the next update starts from (nothing else changes them between updates)."""
-        if self.cfg.w_loops <= 0 or not self._loop_prompts or self._loop_ready is not None:
+        is ready. Today: the loop term's greedy replies (``w_loops`` with ``loop_refresh`` 'update') of the
+        current weights, which are the weights the next update starts from (nothing else changes them
+        between updates)."""
+        cfg = self.cfg
+        if cfg.w_loops <= 0 or cfg.loop_refresh != "update" or not self._loop_prompts or self._loop_ready is not None:
             return False
         self._loop_ready = (self.version, self.loop_replies(self._loop_prompts))
         return True
 
     def _update_loops(self, judged: list[Sample]) -> tuple[LoopReplies | None, float, bool]:
         """(replies, seconds spent writing them now, whether :meth:`prepare` had written them) for this
-        update's loop term."""
+        update's loop term (``loop_refresh`` 'update')."""
         ready, self._loop_ready = self._loop_ready, None
         prompts = self._loop_prompts or self._loop_prompts_of(judged)
         if ready is not None and ready[0] == self.version:
@@ -812,9 +815,16 @@ class Trainer:
             ends = torch.tensor([t == self.eos_id for s, n in zip(samples, lens) for t in s.response_ids[:n]])
             kl_weights = token_weights * (~ends)  # the anchor leaves the end token alone
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
-        loops, loop_s, loop_prepared = self._update_loops(judged) if cfg.w_loops > 0 else (None, 0.0, False)
-        loop_terms = []
+        loops, loop_s, loop_prepared, loop_tokens, loop_terms = None, 0.0, False, [], []
+        if cfg.w_loops > 0 and cfg.loop_refresh == "update":
+            loops, loop_s, loop_prepared = self._update_loops(judged)
+            loop_tokens.append(int(loops.mask.sum()) if loops is not None else 0)
         for _epoch in range(cfg.epochs):
+            if cfg.w_loops > 0 and cfg.loop_refresh == "epoch":
+                tl = time.perf_counter()
+                loops = self.loop_replies(self._loop_prompts_of(judged))  # the loops of the weights this epoch starts from
+                loop_s += time.perf_counter() - tl
+                loop_tokens.append(int(loops.mask.sum()) if loops is not None else 0)
             for a in range(0, len(samples), mb):
                 s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
                 need_ent = cfg.entropy_floor > 0 and cfg.entropy_coef > 0
@@ -868,8 +878,7 @@ class Trainer:
             n_teacher_replies=len(samples) - n_judged - len(replayed) - len(hindsight) - len(rollouts),
             n_replayed=len(replayed), n_hindsight=len(hindsight), n_quoted=n_quoted, n_rollouts=len(rollouts),
             teacher_reply_s=teacher_reply_s, rollout_s=rollout_s,
-            loop_s=loop_s, loop_prepared=loop_prepared,
-            loop_tokens=(int(loops.mask.sum()) if loops is not None else 0) if cfg.w_loops > 0 else None,
+            loop_s=loop_s, loop_prepared=loop_prepared, loop_tokens=loop_tokens,
             loop_term=(sum(loop_terms) / len(loop_terms)) if loop_terms else None,
             train_serve_gap=gap, clipfrac=sum(clipfracs) / len(clipfracs),
             kl=(sum(kls) / len(kls)) if kls else None, entropy=sum(ents) / len(ents),
@@ -913,7 +922,7 @@ class Trainer:
             self._average_served()
         self._remember_praised(judged)  # the person's praise stands even when the guard refused the update
         self._remember_hinted(judged)  # as do their corrections
-        if cfg.w_loops > 0:  # the next update's loop prompts, which prepare() can write replies to meanwhile
+        if cfg.w_loops > 0 and cfg.loop_refresh == "update":  # the next update's prompts: prepare() writes meanwhile
             self._loop_prompts = self._loop_prompts_of(judged)
         self.version += 1
         report["version"] = self.version
