@@ -11,39 +11,54 @@ from backend.samples import Sample
 from backend.store import Store
 
 
-def test_updates_that_keep_failing_are_counted_and_shown_until_one_succeeds(tmp_path):
-    # A failed update is retried; the backend reports how many failed in a row and the last error,
-    # which the chat shows and which stops a replay early (it used to wait out its 600 s timeout).
+SAMPLE = Sample("t0", "u", [1, 2], [3], None, -1, None, None, 0)  # the judged turn of the store below
+
+
+def _pipeline_with_one_judged_turn(tmp_path) -> tuple[Store, Pipeline]:
     store = Store(tmp_path / "backend.db")
     store.add_turn("u", {"turn_id": "t0", "client_id": "u", "session_id": "s1", "index": 0, "prompt_ids": [1, 2],
                          "messages": [{"role": "user", "content": "hi"}], "reply": "yo", "next_message": "meh"})
     store.set_judgment("t0", -1, [-1, -1, -1], None, "test", 0.0)
     stages = type("Stages", (), {"fingerprint": None})()
-    pipe = Pipeline(store, stages=stages, cfg=PipelineConfig(), data_dir=tmp_path, publish=lambda *a: None)
-    sample = Sample("t0", "u", [1, 2], [3], None, -1, None, None, 0)
+    return store, Pipeline(store, stages=stages, cfg=PipelineConfig(), data_dir=tmp_path, publish=lambda *a: None)
 
-    class Trainer:
-        version, fail = 0, True
+
+class _Trainer:
+    """A trainer whose every update succeeds (the tests override what they exercise)."""
+
+    version = 0
+
+    def update(self, samples):
+        self.version += 1
+        return {"loss": 0.1}
+
+    def export_delta(self):
+        return Delta(self.version, self.version - 1, "full", {"w": torch.zeros(2)}, {})
+
+
+def test_updates_that_keep_failing_are_counted_and_shown_until_one_succeeds(tmp_path):
+    # A failed update is retried; the backend reports how many failed in a row and the last error,
+    # which the chat shows and which stops a replay early (it used to wait out its 600 s timeout).
+    store, pipe = _pipeline_with_one_judged_turn(tmp_path)
+
+    class Trainer(_Trainer):
+        fail = True
 
         def update(self, samples):
             if self.fail:
                 raise RuntimeError("one of the variables needed for gradient computation\nwas modified")
-            self.version += 1
-            return {"loss": 0.1}
-
-        def export_delta(self):
-            return Delta(self.version, self.version - 1, "full", {"w": torch.zeros(2)}, {})
+            return super().update(samples)
 
     tr = pipe._trainers["u"] = Trainer()
     for n in (1, 2):
         with pytest.raises(RuntimeError):
-            pipe._train("u", [sample])
+            pipe._train("u", [SAMPLE])
         st = pipe.stats()
         assert st["train_failures"] == {"u": n}
         assert st["train_error"] == {"u": "RuntimeError: one of the variables needed for gradient computation"}
     assert store.get_turn("t0")["stage"] == "judged"  # back to be rebuilt and retried
     tr.fail = False
-    pipe._train("u", [sample])
+    pipe._train("u", [SAMPLE])
     st = pipe.stats()
     assert st["train_failures"] == {} and st["train_error"] == {} and st["policy_versions"]["u"] == 1
 
@@ -54,16 +69,9 @@ def test_an_idle_train_stage_prepares_the_next_update_and_leaves_a_failing_prepa
     import threading
     import time
 
-    store = Store(tmp_path / "backend.db")
-    store.add_turn("u", {"turn_id": "t0", "client_id": "u", "session_id": "s1", "index": 0, "prompt_ids": [1, 2],
-                         "messages": [{"role": "user", "content": "hi"}], "reply": "yo", "next_message": "meh"})
-    store.set_judgment("t0", -1, [-1, -1, -1], None, "test", 0.0)
-    stages = type("Stages", (), {"fingerprint": None})()
-    pipe = Pipeline(store, stages=stages, cfg=PipelineConfig(), data_dir=tmp_path, publish=lambda *a: None)
+    _, pipe = _pipeline_with_one_judged_turn(tmp_path)
 
-    class Trainer:
-        version = 0
-
+    class Trainer(_Trainer):
         def __init__(self):
             self.results = [True, RuntimeError("no memory"), True, False]
             self.calls = 0
@@ -75,18 +83,11 @@ def test_an_idle_train_stage_prepares_the_next_update_and_leaves_a_failing_prepa
                 raise r
             return r
 
-        def update(self, samples):
-            self.version += 1
-            return {"loss": 0.1}
-
-        def export_delta(self):
-            return Delta(self.version, self.version - 1, "full", {"w": torch.zeros(2)}, {})
-
     tr = pipe._trainers["u"] = Trainer()
     assert pipe._prepare_trainers() is True
     assert pipe._prepare_trainers() is False and tr.calls == 2  # raised: logged, not fatal
     assert pipe._prepare_trainers() is False and tr.calls == 2  # left alone until the next update
-    pipe._train("u", [Sample("t0", "u", [1, 2], [3], None, -1, None, None, 0)])
+    pipe._train("u", [SAMPLE])
     # the train loop itself calls it when idle
     loop = threading.Thread(target=pipe._train_loop, daemon=True)
     loop.start()
