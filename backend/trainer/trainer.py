@@ -654,11 +654,10 @@ class Trainer:
         """(replies, seconds spent writing them now, whether :meth:`prepare` had written them) for this
         update's loop term (``loop_refresh`` 'update')."""
         ready, self._loop_ready = self._loop_ready, None
-        prompts = self._loop_prompts or self._loop_prompts_of(judged)
         if ready is not None and ready[0] == self.version:
             return ready[1], 0.0, True
         t = time.perf_counter()
-        loops = self.loop_replies(prompts)
+        loops = self.loop_replies(self._loop_prompts or self._loop_prompts_of(judged))
         return loops, time.perf_counter() - t, False
 
     def _loop_prompts_of(self, judged: list[Sample]) -> list[list[int]]:
