@@ -614,11 +614,22 @@ def test_loop_term_rolls_out_every_epoch_one_prompt_per_conversation_by_default(
     tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_tokens=12, loop_prompts=2, epochs=2), model_path=tiny_model_dir)
     praised, hinted = fixed_samples(tr.tokenizer)
     rewrite = Sample(**{**praised.to_dict(), "turn_id": "rw", "prompt_ids": praised.prompt_ids + [5, 6, 7]})
-    seen = []
-    real = tr.greedy_cached
-    tr.greedy_cached = lambda prompts, n: seen.append(prompts) or real(prompts, n)
+    seen, drafted = [], []
+    real, real_drafted = tr.greedy_cached, tr.greedy_drafted
+
+    def cached(prompts, n):
+        seen.append(prompts)
+        out = real(prompts, n)
+        seen.append(out)
+        return out
+
+    tr.greedy_cached = cached
+    tr.greedy_drafted = lambda prompts, n, refs: drafted.append((prompts, refs)) or real_drafted(prompts, n, refs)
     rep = tr.update([praised, rewrite, hinted])
-    assert seen == [[praised.prompt_ids, hinted.prompt_ids]] * 2  # the rewrite continues the first conversation
+    # epoch 0 writes the replies, epoch 1 rewrites them drafted from epoch 0's (the rewrite continues the
+    # first conversation, so two prompts)
+    assert seen[0] == [praised.prompt_ids, hinted.prompt_ids] and len(seen) == 2
+    assert drafted == [(seen[0], [[r] for r in seen[1]])]
     assert len(rep.loop_tokens) == 2 and rep.loop_s > 0 and not rep.loop_prepared  # the tiny model's replies loop
     assert tr.prepare() is False  # nothing is written ahead in this mode
     assert TrainerConfig().w_loops == 0.0 and TrainerConfig().loop_refresh == "epoch"  # off by default
@@ -825,6 +836,29 @@ def test_greedy_probe_and_repetition_metric(tiny_model_dir):
         for p in tr.trainable.values():
             p.add_(torch.randn_like(p) * 0.05)
     assert tr.greedy_cached([p1, p2], 8) == tr.greedy([p1, p2], 8)
+
+
+def test_drafted_greedy_gives_the_greedy_replies_in_fewer_forwards_with_a_good_draft(tiny_model_dir):
+    from backend.trainer.trainer import ngram_draft
+
+    # drafts: the tokens after the reply's last 3 tokens, in a reference (nearest the reply's position) or a loop
+    assert ngram_draft([1, 2, 3], [[9, 1, 2, 3, 4, 5, 6]], k=2) == [4, 5]
+    assert ngram_draft([7, 7, 7, 7, 1, 2, 3], [[1, 2, 3, 8, 1, 2, 3, 4, 5]], k=3) == [4, 5]
+    assert ngram_draft([7, 1, 2, 3], [[1, 2, 3, 8, 1, 2, 3, 4, 5]], k=3) == [8, 1, 2]
+    assert ngram_draft([1, 2, 3, 4, 1, 2, 3], [], k=2) == [4, 1]
+    assert ngram_draft([1, 2, 3], [[5, 6, 7, 8]], k=4) == [] and ngram_draft([1, 2], [], k=4) == []
+    tr = Trainer(cfg(), model_path=tiny_model_dir)
+    with torch.no_grad():
+        for p in tr.trainable.values():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = [prompt_ids(tr), prompt_ids(tr, "Hi")]
+    greedy = tr.greedy_cached(prompts, 40)
+    assert tr.greedy_drafted(prompts, 40) == greedy
+    plain_forwards = tr.draft_stats[0]
+    assert tr.greedy_drafted(prompts, 40, [[r] for r in greedy]) == greedy
+    forwards, tokens = tr.draft_stats
+    assert tokens == sum(len(r) for r in greedy) == 80 and forwards < plain_forwards / 3
+    assert tr.greedy_drafted(prompts, 7) == [r[:7] for r in greedy]  # the length limit holds mid-draft
 
 
 def test_json_overrides_are_checked_up_front_in_one_sentence():
