@@ -847,6 +847,7 @@ def test_drafted_greedy_gives_the_greedy_replies_in_fewer_forwards_with_a_good_d
     assert ngram_draft([7, 1, 2, 3], [[1, 2, 3, 8, 1, 2, 3, 4, 5]], k=3) == [8, 1, 2]
     assert ngram_draft([1, 2, 3, 4, 1, 2, 3], [], k=2) == [4, 1]
     assert ngram_draft([1, 2, 3], [[5, 6, 7, 8]], k=4) == [] and ngram_draft([1, 2], [], k=4) == []
+    assert ngram_draft([5], [[5, 6, 7, 8]], k=9) == [6, 7, 8]  # a reply's start aligns with a reference's
     tr = Trainer(cfg(), model_path=tiny_model_dir)
     with torch.no_grad():
         for p in tr.trainable.values():

@@ -124,24 +124,29 @@ def repeated_ngram_positions(ids: list[int], n: int = 4) -> list[int]:
     return sorted(marked)
 
 
-DRAFT_TOKENS = 12  # drafted tokens per forward in greedy_drafted (a 13-token forward costs ~1.5 single steps here)
+DRAFT_TOKENS = 12  # drafted tokens per forward in greedy_drafted after a rejection (a 13-token forward costs
+# about 1.5 single steps here); after a draft the model took whole, the next one may be twice as long
 DRAFT_NGRAM = 3  # the reply's last tokens a draft is looked up by
 
 
 def ngram_draft(reply: list[int], references: list[list[int]], k: int, n: int = DRAFT_NGRAM) -> list[int]:
     """Up to ``k`` tokens that followed ``reply``'s last ``n`` tokens elsewhere (prompt-lookup drafting):
     in a reference (the occurrence nearest the reply's own position: references are replies to the
-    same prompt), else at the latest earlier occurrence in ``reply`` itself (a loop); [] if none."""
-    if k <= 0 or len(reply) < n:
+    same prompt), else at the latest earlier occurrence in ``reply`` itself (a loop); [] if none. A reply
+    shorter than ``n`` is looked up in the references by what it has (its start aligns with theirs)."""
+    if k <= 0 or not reply:
         return []
-    key, here = reply[-n:], len(reply)
+    m = min(n, len(reply))
+    key, here = reply[-m:], len(reply)
     best: tuple[int, list[int]] | None = None
     for ref in references:
-        for i in range(len(ref) - n):
-            if ref[i : i + n] == key and (best is None or abs(i + n - here) < best[0]):
-                best = (abs(i + n - here), ref[i + n : i + n + k])
+        for i in range(len(ref) - m):
+            if ref[i : i + m] == key and (best is None or abs(i + m - here) < best[0]):
+                best = (abs(i + m - here), ref[i + m : i + m + k])
     if best is not None:
         return best[1]
+    if len(reply) < n:
+        return []
     for i in range(len(reply) - n - 1, -1, -1):
         if reply[i : i + n] == key:
             return reply[i + n : i + n + k]
@@ -508,7 +513,10 @@ class Trainer:
         ``DRAFT_TOKENS`` tokens that followed the reply's last ``DRAFT_NGRAM`` tokens elsewhere:
         in ``references[i]`` (earlier replies to prompt i, e.g. the reply served to the person or
         the one the previous epoch wrote, aligned nearest the current position), else earlier in
-        the reply itself (a loop repeats exactly what the lookup proposes). The forward's argmax
+        the reply itself (a loop repeats exactly what the lookup proposes). The first draft may be
+        the whole rest of a reference (checked in one forward of ~prefill cost, it is all the work
+        when the weights still write that reply), and a draft taken whole doubles the next one's
+        length. The forward's argmax
         keeps the drafted tokens up to the first disagreement and adds its own next token, so
         every kept token is the model's greedy choice given the tokens before it; the KV cache
         drops the rejected ones. ``self.draft_stats`` counts (forwards, tokens) of the last call.
@@ -533,8 +541,9 @@ class Trainer:
         forwards = 1
         _, nxt = L.topk_global(logits.unsqueeze(1), 1)  # [1, 1, 1]
         out = [int(nxt[0, 0, 0])]  # out[-1] is chosen but not yet in the cache
+        span = max_new_tokens  # draft length: the whole rest of a reference at first
         while out[-1] != self.eos_id and len(out) < max_new_tokens:
-            draft = ngram_draft(out, refs, min(DRAFT_TOKENS, max_new_tokens - len(out)), DRAFT_NGRAM)
+            draft = ngram_draft(out, refs, min(span, max_new_tokens - len(out)), DRAFT_NGRAM)
             feed = [out[-1]] + draft  # [1 + d]
             cached = n_p + len(out) - 1
             n = len(feed)
@@ -549,6 +558,7 @@ class Trainer:
             while kept < len(draft) and draft[kept] == best[kept] and draft[kept] != self.eos_id:
                 kept += 1
             out += draft[:kept] + [best[kept]]
+            span = 2 * len(draft) if draft and kept == len(draft) else DRAFT_TOKENS
             # the cache now holds feed; the rejected drafted tokens' keys and values go
             keep = cached + 1 + kept
             for li, (k, v) in enumerate(cache):
