@@ -129,7 +129,7 @@ def learned_from_summary(report: dict, turn_ids: list[str]) -> dict:
         summary["loop_tokens"] = list(report["loop_tokens"])
         summary["loop_term"] = report.get("loop_term")
         summary["loop_s"] = report.get("loop_s")
-        summary["loop_prepared"] = bool(report.get("loop_prepared"))
+        summary["loop_prepared"] = int(report.get("loop_prepared") or 0)
     if report.get("n_quoted"):  # reply tokens of words the person quoted, pushed down (w_quoted)
         summary["n_quoted"] = report["n_quoted"]
     for k in ("variety_base", "variety_after"):  # the variety guard's figures, when it ran
@@ -350,8 +350,10 @@ class Pipeline:
             prepare = getattr(tr, "prepare", None)  # the tiny stages' trainer has nothing to prepare
             if prepare is None or user in self._prepare_failed:
                 continue
+            with self._buf_lock:
+                pending = [s for _, s in self._buffers.get(user, [])[: self.cfg.batch_size]]  # the next batch so far
             try:
-                if prepare():
+                if prepare(pending):
                     return True
             except Exception:
                 log.exception("user %s: preparing the next update failed", user)

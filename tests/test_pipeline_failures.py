@@ -65,7 +65,8 @@ def test_updates_that_keep_failing_are_counted_and_shown_until_one_succeeds(tmp_
 
 def test_an_idle_train_stage_prepares_the_next_update_and_leaves_a_failing_preparation_alone(tmp_path):
     # While no batch is ready the train thread gives the trainers their idle-time work (Trainer.prepare:
-    # the loop term's greedy replies); one that raised is not called again until its next update.
+    # the loop term's greedy replies) with the samples waiting for their next batch; one that raised is
+    # not called again until its next update.
     import threading
     import time
 
@@ -74,17 +75,22 @@ def test_an_idle_train_stage_prepares_the_next_update_and_leaves_a_failing_prepa
     class Trainer(_Trainer):
         def __init__(self):
             self.results = [True, RuntimeError("no memory"), True, False]
-            self.calls = 0
+            self.calls, self.pending = 0, []
 
-        def prepare(self):
+        def prepare(self, pending):
             self.calls += 1
+            self.pending.append([s.turn_id for s in pending])
             r = self.results.pop(0) if self.results else False
             if isinstance(r, Exception):
                 raise r
             return r
 
     tr = pipe._trainers["u"] = Trainer()
+    waiting = [Sample(**{**SAMPLE.to_dict(), "turn_id": f"w{i}"}) for i in range(PipelineConfig().batch_size + 1)]
+    pipe._buffers["u"] = [(0.0, s) for s in waiting]
     assert pipe._prepare_trainers() is True
+    assert tr.pending == [[s.turn_id for s in waiting[:-1]]]  # the next batch only
+    pipe._buffers["u"] = []
     assert pipe._prepare_trainers() is False and tr.calls == 2  # raised: logged, not fatal
     assert pipe._prepare_trainers() is False and tr.calls == 2  # left alone until the next update
     pipe._train("u", [SAMPLE])

@@ -610,28 +610,46 @@ def test_loop_term_pushes_down_the_tokens_a_greedy_reply_repeats(tiny_model_dir)
     assert torch.equal(after2, after0)
 
 
-def test_loop_term_rolls_out_every_epoch_one_prompt_per_conversation_by_default(tiny_model_dir):
-    tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_tokens=12, loop_prompts=2, epochs=2), model_path=tiny_model_dir)
-    praised, hinted = fixed_samples(tr.tokenizer)
-    rewrite = Sample(**{**praised.to_dict(), "turn_id": "rw", "prompt_ids": praised.prompt_ids + [5, 6, 7]})
-    seen, drafted = [], []
+def _recording_greedy(tr):
+    """Record the trainer's greedy calls: (prompts, replies) of greedy_cached, (prompts, references) of greedy_drafted."""
+    cached, drafted = [], []
     real, real_drafted = tr.greedy_cached, tr.greedy_drafted
 
-    def cached(prompts, n):
-        seen.append(prompts)
+    def greedy_cached(prompts, n):
         out = real(prompts, n)
-        seen.append(out)
+        cached.append((prompts, out))
         return out
 
-    tr.greedy_cached = cached
+    tr.greedy_cached = greedy_cached
     tr.greedy_drafted = lambda prompts, n, refs: drafted.append((prompts, refs)) or real_drafted(prompts, n, refs)
-    rep = tr.update([praised, rewrite, hinted])
-    # epoch 0 writes the replies, epoch 1 rewrites them drafted from epoch 0's (the rewrite continues the
-    # first conversation, so two prompts)
-    assert seen[0] == [praised.prompt_ids, hinted.prompt_ids] and len(seen) == 2
-    assert drafted == [(seen[0], [[r] for r in seen[1]])]
-    assert len(rep.loop_tokens) == 2 and rep.loop_s > 0 and not rep.loop_prepared  # the tiny model's replies loop
-    assert tr.prepare() is False  # nothing is written ahead in this mode
+    return cached, drafted
+
+
+def test_loop_term_rolls_out_every_epoch_one_prompt_per_conversation_and_prepare_writes_the_first_ahead(tiny_model_dir):
+    praised, hinted = fixed_samples(Trainer(cfg(), model_path=tiny_model_dir).tokenizer)
+    rewrite = Sample(**{**praised.to_dict(), "turn_id": "rw", "prompt_ids": praised.prompt_ids + [5, 6, 7]})
+    batch = [praised, rewrite, hinted]
+
+    def trained(prepare: bool):
+        tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_tokens=12, loop_prompts=2, epochs=2), model_path=tiny_model_dir)
+        cached, drafted = _recording_greedy(tr)
+        if prepare:  # while the batch fills, as the backend calls it: one reply per call, once its prompt is known
+            assert tr.prepare(batch[:1]) is True and tr.prepare(batch[:2]) is False  # the rewrite: same conversation
+            assert tr.prepare(batch) is True and tr.prepare(batch) is False
+        return tr, cached, drafted, tr.update(batch)
+
+    tr, cached, drafted, rep = trained(prepare=False)
+    # epoch 0 writes the replies one prompt at a time, epoch 1 rewrites them drafted from epoch 0's
+    # (the rewrite continues the first conversation, so two prompts)
+    assert [c[0] for c in cached] == [[praised.prompt_ids], [hinted.prompt_ids]]
+    assert drafted == [([praised.prompt_ids, hinted.prompt_ids], [c[1] for c in cached])]
+    assert len(rep.loop_tokens) == 2 and rep.loop_s > 0 and rep.loop_prepared == 0  # the tiny model's replies loop
+    # written ahead: the update writes only epoch 1's, and learns exactly the same
+    ptr, pcached, pdrafted, prep = trained(prepare=True)
+    assert pcached == cached and pdrafted == drafted and prep.loop_prepared == 2
+    assert prep.loop_tokens == rep.loop_tokens
+    assert all(torch.equal(p, tr.trainable[n]) for n, p in ptr.trainable.items())
+    assert ptr.prepare(batch) is True  # new weights: their replies are not written yet
     assert TrainerConfig().w_loops == 0.0 and TrainerConfig().loop_refresh == "epoch"  # off by default
 
 
@@ -644,28 +662,27 @@ def test_loop_refresh_update_writes_once_to_the_previous_batch_and_prepare_takes
     def trained(prepare: bool, ckpt=None):
         tr = Trainer(cfg(lr=3e-3, w_loops=1.0, loop_refresh="update", loop_tokens=12, loop_prompts=2, epochs=2),
                      model_path=tiny_model_dir, checkpoint_dir=ckpt)
-        seen, real = [], tr.greedy_cached
-        tr.greedy_cached = lambda prompts, n: seen.append(prompts) or real(prompts, n)
+        cached, drafted = _recording_greedy(tr)
         reps = []
         for b in batches:
-            if prepare:
-                tr.prepare()
+            while prepare and tr.prepare():
+                pass
             reps.append(tr.update(b))
-        return tr, seen, reps
+        return tr, [c[0] for c in cached], reps, drafted
 
-    tr, seen, reps = trained(prepare=False, ckpt=tmp_path)
+    tr, seen, reps, drafted = trained(prepare=False, ckpt=tmp_path)
     # once per update (two epochs), one prompt per conversation (the rewrite continues the first one):
     # the first update its own batch, then each the batch before it
-    assert seen == [[praised.prompt_ids, hinted.prompt_ids], [praised.prompt_ids, hinted.prompt_ids],
-                    [other.prompt_ids, praised.prompt_ids]]
-    assert all(r.loop_s > 0 and not r.loop_prepared and len(r.loop_tokens) == 1 for r in reps)
+    assert seen == [[praised.prompt_ids], [hinted.prompt_ids], [praised.prompt_ids], [hinted.prompt_ids],
+                    [other.prompt_ids], [praised.prompt_ids]] and drafted == []
+    assert all(r.loop_s > 0 and r.loop_prepared == 0 and len(r.loop_tokens) == 1 for r in reps)
     assert reps[0].loop_tokens[0] > 0  # the tiny model's greedy replies loop
     # prepared while idle: the same replies, so the same weights, and the updates after the first write none
-    ptr, pseen, preps = trained(prepare=True)
-    assert pseen == seen and [r.loop_prepared for r in preps] == [False, True, True]
-    assert preps[1].loop_s == 0.0 and [r.loop_tokens for r in preps] == [r.loop_tokens for r in reps]
+    ptr, pseen, preps, _ = trained(prepare=True)
+    assert pseen == seen and [r.loop_prepared for r in preps] == [0, 2, 2]
+    assert [r.loop_tokens for r in preps] == [r.loop_tokens for r in reps]
     assert all(torch.equal(p, tr.trainable[n]) for n, p in ptr.trainable.items())
-    assert ptr.prepare() is True and ptr.prepare() is False  # nothing left until the next update
+    assert ptr.prepare() is True and ptr.prepare() is False  # the last batch is one conversation
     # the next update's prompts survive a restart
     assert Trainer(cfg(w_loops=1.0, loop_refresh="update", loop_tokens=12, epochs=2), model_path=tiny_model_dir,
                    checkpoint_dir=tmp_path).prepare()

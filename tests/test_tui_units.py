@@ -223,8 +223,8 @@ def test_a_refused_update_is_shown_as_refused_not_as_learned():
     rolled = learned_from_summary({"accepted": True, "n_rollouts": 2, "rollout_s": 1.5}, ["a"])
     assert (rolled["n_rollouts"], rolled["rollout_s"]) == (2, 1.5) and "n_rollouts" not in quoted
     looped = learned_from_summary({"accepted": True, "loop_tokens": [12], "loop_term": 0.8, "loop_s": 0.0,
-                                   "loop_prepared": True}, ["a"])
-    assert (looped["loop_tokens"], looped["loop_term"], looped["loop_s"], looped["loop_prepared"]) == ([12], 0.8, 0.0, True)
+                                   "loop_prepared": 2}, ["a"])
+    assert (looped["loop_tokens"], looped["loop_term"], looped["loop_s"], looped["loop_prepared"]) == ([12], 0.8, 0.0, 2)
     assert learned_from_summary({"accepted": True, "loop_tokens": [0, 3]}, ["a"])["loop_tokens"] == [0, 3]  # per epoch
     assert "loop_tokens" not in learned_from_summary({"accepted": True, "loop_tokens": []}, ["a"])  # term off
     refused = learned_from_summary({"accepted": False, "reason": "repetition guard: greedy distinct-4 0.40 < base 0.95 - 0.1",

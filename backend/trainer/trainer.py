@@ -162,6 +162,7 @@ class LoopReplies:
     replies: list[list[int]]
     pairs: list[tuple[list[int], list[int]]]
     mask: torch.Tensor
+    prepared: int = 0  # replies Trainer.prepare had written ahead
 
     @property
     def active(self) -> bool:
@@ -261,7 +262,10 @@ class Trainer:
         self._praised: list[dict] = []  # newest replay_buffer praised replies: turn_id, user, prompt_ids, response_ids
         self._hinted: list[dict] = []  # newest rollout_buffer corrected prompts: turn_id, user, prompt_ids, teacher_prompt_ids, ...
         self._loop_prompts: list[list[int]] = []  # the loop term's prompts for the next update (the last batch's)
-        self._loop_ready: tuple[int, LoopReplies] | None = None  # (version, replies) written by prepare()
+        # greedy replies of the current weights written ahead by prepare(): prompt -> reply, valid while
+        # the version is _loop_written_at (nothing but update() changes the weights)
+        self._loop_written: dict[tuple[int, ...], list[int]] = {}
+        self._loop_written_at = -1
         # serve_ema: the average of the trained weights that is exported (None = export the trained weights)
         self._served: dict[str, torch.Tensor] | None = self._trained_copy() if cfg.serve_ema > 0 else None
         if self.checkpoint_dir is not None:
@@ -741,41 +745,48 @@ class Trainer:
                 self._hinted.append(_corrected_prompt(s))
         del self._hinted[: max(0, len(self._hinted) - self.cfg.rollout_buffer)]
 
-    def prepare(self) -> bool:
-        """Idle-time work for the next update; True if there was some. The backend calls it when no batch
-        is ready. Today: the loop term's greedy replies (``w_loops`` with ``loop_refresh`` 'update') of the
-        current weights, which are the weights the next update starts from (nothing else changes them
-        between updates)."""
+    def prepare(self, pending: list[Sample] = ()) -> bool:
+        """Idle-time work for the next update, one piece per call; True if there was some. The backend
+        calls it while no batch is ready, with the samples waiting for the next batch (oldest first).
+        Today: one greedy reply of the loop term's first rollout (``w_loops``): to the previous batch's
+        prompts ('update') or to the waiting samples' ('epoch', once they are known), from the current
+        weights, which are the weights the next update starts from. The update uses what was written
+        and writes the rest itself, the same way, so timing never changes what is learned."""
         cfg = self.cfg
-        if cfg.w_loops <= 0 or cfg.loop_refresh != "update" or not self._loop_prompts or self._loop_ready is not None:
+        if cfg.w_loops <= 0:
             return False
-        self._loop_ready = (self.version, self.loop_replies(self._loop_prompts))
-        return True
-
-    def _update_loops(self, judged: list[Sample]) -> tuple[LoopReplies, float, bool]:
-        """(replies, seconds spent writing them now, whether :meth:`prepare` had written them) for this
-        update's loop term (``loop_refresh`` 'update')."""
-        ready, self._loop_ready = self._loop_ready, None
-        if ready is not None and ready[0] == self.version:
-            return ready[1], 0.0, True
-        t = time.perf_counter()
-        loops = self.loop_replies(self._loop_prompts or self._loop_prompts_of(judged))
-        return loops, time.perf_counter() - t, False
+        prompts = self._loop_prompts if cfg.loop_refresh == "update" else self._loop_prompts_of(list(pending))
+        if self._loop_written_at != self.version:
+            self._loop_written, self._loop_written_at = {}, self.version
+        for p in prompts:
+            if tuple(p) not in self._loop_written:
+                self._loop_written[tuple(p)] = self._loop_reply(p)
+                return True
+        return False
 
     def _loop_prompts_of(self, judged: list[Sample]) -> list[list[int]]:
         """The loop term's prompts from a batch: the first ``loop_prompts``, one per conversation."""
         return distinct_conversations([list(s.prompt_ids) for s in judged])[: self.cfg.loop_prompts]
 
+    def _loop_reply(self, prompt: list[int]) -> list[int]:
+        """The current weights' greedy reply to one prompt, as the loop term's first rollout writes it (one
+        prompt at a time, so a reply written ahead by :meth:`prepare` is the one the update would write)."""
+        return self.greedy_cached([prompt], self.cfg.loop_tokens)[0]
+
     def loop_replies(self, prompts: list[list[int]], earlier: LoopReplies | None = None) -> LoopReplies:
         """The current weights' greedy replies to ``prompts`` with their repeated-n-gram tokens marked
-        (``w_loops``). With ``earlier`` (replies of slightly older weights to the same prompts, e.g. the
-        previous epoch's) they are decoded with those as drafts (:meth:`greedy_drafted`): the same
-        greedy replies, written in fewer forwards while the weights have moved little."""
+        (``w_loops``); ``prepared`` counts those :meth:`prepare` had written. With ``earlier`` (replies of
+        slightly older weights to the same prompts, e.g. the previous epoch's) they are decoded with
+        those as drafts (:meth:`greedy_drafted`): the same greedy replies in fewer forwards while the
+        weights have moved little."""
         cfg = self.cfg
+        prepared = 0
         if earlier is not None:
             replies = self.greedy_drafted(prompts, cfg.loop_tokens, [[r] for r in earlier.replies])
         else:
-            replies = self.greedy_cached(prompts, cfg.loop_tokens)
+            written = self._loop_written if self._loop_written_at == self.version else {}
+            prepared = sum(tuple(p) in written for p in prompts)
+            replies = [written[tuple(p)] if tuple(p) in written else self._loop_reply(p) for p in prompts]
         pairs, marks = [], []
         for p, r in zip(prompts, replies):
             r = r[: cfg.max_tokens - 1]  # the reply tokens the trainer's forward scores
@@ -785,7 +796,7 @@ class Trainer:
             m[repeated_ngram_positions(r, cfg.loop_ngram)] = 1.0
             pairs.append((list(p), r))
             marks.append(m)
-        return LoopReplies(replies, pairs, torch.cat(marks) if marks else torch.zeros(0))
+        return LoopReplies(replies, pairs, torch.cat(marks) if marks else torch.zeros(0), prepared)
 
     def _remember_praised(self, samples: list[Sample]) -> None:
         """Keep the judged replies the judge rewarded +1 for later replay (newest ``replay_buffer``).
@@ -919,10 +930,13 @@ class Trainer:
             ends = torch.tensor([t == self.eos_id for s, n in zip(samples, lens) for t in s.response_ids[:n]])
             kl_weights = token_weights * (~ends)  # the anchor leaves the end token alone
         losses, clipfracs, kls, ents, norms = [], [], [], [], []
-        loops, loop_s, loop_prepared, loop_tokens, loop_terms = None, 0.0, False, [], []
+        loops, loop_s, loop_tokens, loop_terms = None, 0.0, [], []
         if cfg.w_loops > 0 and cfg.loop_refresh == "update":
-            loops, loop_s, loop_prepared = self._update_loops(judged)
+            tl = time.perf_counter()
+            loops = self.loop_replies(self._loop_prompts or self._loop_prompts_of(judged))
+            loop_s += time.perf_counter() - tl
             loop_tokens.append(int(loops.mask.sum()))
+        loop_prepared = loops.prepared if loops is not None else 0
         for _epoch in range(cfg.epochs):
             if cfg.w_loops > 0 and cfg.loop_refresh == "epoch":
                 tl = time.perf_counter()
@@ -931,6 +945,7 @@ class Trainer:
                 loops = self.loop_replies(self._loop_prompts_of(judged), earlier=loops)
                 loop_s += time.perf_counter() - tl
                 loop_tokens.append(int(loops.mask.sum()))
+                loop_prepared += loops.prepared
             for a in range(0, len(samples), mb):
                 s0, s1 = offs[a], offs[a] + sum(lens[a : a + mb])
                 need_ent = cfg.entropy_floor > 0 and cfg.entropy_coef > 0
