@@ -345,7 +345,19 @@ class Pipeline:
         """While no batch is ready: one piece of the trainers' work for their next update
         (``Trainer.prepare``, e.g. the loop term's greedy replies), so the update itself is shorter.
         True if some was done. A trainer whose preparation failed is left alone until its next update
-        (the update then does the work itself)."""
+        (the update then does the work itself). The first piece for a user with waiting samples and no
+        trainer yet is making the trainer (loading the model), which the first batch would wait for."""
+        with self._buf_lock:
+            waiting = [u for u, buf in self._buffers.items() if buf and u not in self._trainers]
+        for user in waiting:
+            if user in self._prepare_failed:
+                continue
+            try:
+                self.trainer_for(user)
+                return True
+            except Exception:
+                log.exception("user %s: making the trainer ahead of the first batch failed", user)
+                self._prepare_failed.add(user)
         for user, tr in list(self._trainers.items()):
             prepare = getattr(tr, "prepare", None)  # the tiny stages' trainer has nothing to prepare
             if prepare is None or user in self._prepare_failed:

@@ -103,3 +103,28 @@ def test_an_idle_train_stage_prepares_the_next_update_and_leaves_a_failing_prepa
     pipe._stop.set()
     loop.join(timeout=5)
     assert tr.calls >= 4 and not loop.is_alive()
+
+
+def test_an_idle_train_stage_makes_a_new_users_trainer_before_the_first_batch_is_full(tmp_path):
+    # Loading the model is the first batch's longest wait; the idle train thread does it as soon as the
+    # user's first sample waits, then that trainer's own preparation. A failure is logged, not retried.
+    _, pipe = _pipeline_with_one_judged_turn(tmp_path)
+    made = []
+
+    class Trainer(_Trainer):
+        def prepare(self, pending):
+            return False
+
+    def make(user, ckpt):
+        made.append(user)
+        if user == "broken":
+            raise RuntimeError("no memory")
+        return Trainer()
+
+    pipe.stages.trainer = make
+    assert pipe._prepare_trainers() is False and made == []  # nobody waits
+    pipe._buffers["u"] = [(0.0, SAMPLE)]
+    assert pipe._prepare_trainers() is True and made == ["u"] and isinstance(pipe._trainers["u"], Trainer)
+    assert pipe._prepare_trainers() is False and made == ["u"]  # made once
+    pipe._buffers["broken"] = [(0.0, Sample(**{**SAMPLE.to_dict(), "user": "broken"}))]
+    assert pipe._prepare_trainers() is False and pipe._prepare_trainers() is False and made == ["u", "broken"]
