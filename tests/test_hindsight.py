@@ -84,7 +84,7 @@ def test_the_trainer_trains_a_praised_rewrite_on_the_first_prompt_only_when_aske
     from backend.trainer.tp_check import fixed_samples
 
     torch.set_num_threads(1)
-    quiet = dict(repetition_guard=False, kl_coef=0.0, entropy_floor=0.0, lora_rank=4, epochs=1, replay_praised=0,
+    quiet = dict(repetition_guard=False, kl_coef=0.0, entropy_floor=0.0, lora_rank=4, epochs=1, replay_praised=0, w_loops=0.0,
                  lr=3e-3, w_rl=0.0, w_opd=0.0)  # only the hindsight pair can move the policy
     tr = Trainer(TrainerConfig(**quiet, w_hindsight=1.0), model_path=tiny_model_dir)
     praised, _ = fixed_samples(tr.tokenizer)

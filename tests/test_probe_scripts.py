@@ -60,7 +60,7 @@ def test_step_probe_retrains_a_runs_batches_and_reports_the_step_sizes(tiny_mode
     from transformers import AutoTokenizer
 
     run = _fake_run(tmp_path / "run", AutoTokenizer.from_pretrained(str(tiny_model_dir)))
-    quiet = '"repetition_guard": false, "lora_rank": 4, "replay_praised": 0'
+    quiet = '"repetition_guard": false, "lora_rank": 4, "replay_praised": 0, "w_loops": 0'
     lines = {}
     for name, extra in (("adamw", '"lr": 1e-3'), ("sgd", '"optimizer": "sgd", "lr": 0.5')):
         res = _step_probe("--run", str(run), "--updates", "5", "--model", str(tiny_model_dir),

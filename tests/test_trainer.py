@@ -16,7 +16,7 @@ from companion.errors import UserError
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-QUIET = dict(repetition_guard=False, kl_coef=0.0, entropy_floor=0.0, lora_rank=4, epochs=1, replay_praised=0)
+QUIET = dict(repetition_guard=False, kl_coef=0.0, entropy_floor=0.0, lora_rank=4, epochs=1, replay_praised=0, w_loops=0.0)
 
 
 def cfg(**kw) -> TrainerConfig:
@@ -650,7 +650,7 @@ def test_loop_term_rolls_out_every_epoch_one_prompt_per_conversation_and_prepare
     assert prep.loop_tokens == rep.loop_tokens
     assert all(torch.equal(p, tr.trainable[n]) for n, p in ptr.trainable.items())
     assert ptr.prepare(batch) is True  # new weights: their replies are not written yet
-    assert TrainerConfig().w_loops == 0.0 and TrainerConfig().loop_refresh == "epoch"  # off by default
+    assert TrainerConfig().w_loops == 1.0 and TrainerConfig().loop_refresh == "epoch"  # on by default (Session 30)
 
 
 def test_loop_refresh_update_writes_once_to_the_previous_batch_and_prepare_takes_it_off_the_update(tiny_model_dir, tmp_path):
@@ -686,7 +686,7 @@ def test_loop_refresh_update_writes_once_to_the_previous_batch_and_prepare_takes
     # the next update's prompts survive a restart
     assert Trainer(cfg(w_loops=1.0, loop_refresh="update", loop_tokens=12, epochs=2), model_path=tiny_model_dir,
                    checkpoint_dir=tmp_path).prepare()
-    assert Trainer(cfg(), model_path=tiny_model_dir).prepare() is False  # the term is off by default
+    assert Trainer(cfg(), model_path=tiny_model_dir).prepare() is False  # the term is off (QUIET)
 
 
 class _LoopingProbe(Trainer):

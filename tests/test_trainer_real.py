@@ -20,7 +20,7 @@ def test_real_model_conversion_and_lora_export_match_hf(real_model_dir, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    tr = Trainer(TrainerConfig(repetition_guard=False, delta_dtype="fp32", lr=1e-3, epochs=1), model_path=real_model_dir)
+    tr = Trainer(TrainerConfig(repetition_guard=False, delta_dtype="fp32", lr=1e-3, epochs=1, w_loops=0.0), model_path=real_model_dir)
     msgs = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "Give me one tip for sleeping better."}]
     ids = tr.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
@@ -50,7 +50,7 @@ def test_two_training_threads_train_exactly_as_one(real_model_dir):
         for n in (1, 2):
             torch.set_num_threads(n)
             assert torch.get_num_threads() == n
-            tr = Trainer(TrainerConfig(repetition_guard=False, epochs=1), model_path=real_model_dir)
+            tr = Trainer(TrainerConfig(repetition_guard=False, epochs=1, w_loops=0.0), model_path=real_model_dir)
             report = tr.update(fixed_samples(tr.tokenizer))
             assert report.accepted and report.kl is not None  # the default KL anchor's base pass ran too
             trained.append({k: p.detach().clone() for k, p in tr.trainable.items()})
