@@ -39,15 +39,16 @@ With ``opd_rollouts`` = k the batch also holds up to k greedy replies the curren
 update) to corrected prompts: the batch's hinted ones first, then a seeded pick of earlier ones (newest
 ``rollout_buffer`` kept, checkpointed). Each is a :class:`Rollout`: reward 0, so only the OPD term
 (teacher = the policy with that prompt's hint) gives it advantage; it never enters the reward baseline.
-With ``w_loops`` > 0 the current weights write greedy replies to ``loop_prompts`` training prompts (one per
-conversation) and the loss of every optimizer step also has w_loops * mean(-log(1 - p_t)) over the tokens
-of n-grams those replies repeat (a :class:`LoopReplies`; none when they repeat nothing). With
-``loop_refresh`` 'epoch' the replies are written at the start of every epoch, to the batch's prompts. With
-'update' they are written once per update, from the weights the update starts from, to the *previous*
-batch's prompts (the first update after a start: its own): both are known when the previous update ends,
-so :meth:`Trainer.prepare` writes them while the backend is idle (the person reading and typing), off the
-update's critical path, and the update writes them itself when they were not prepared. Either way they
-are the same replies, so timing never changes what is learned.
+With ``w_loops`` > 0 (the default) the current weights write greedy replies to ``loop_prompts`` training
+prompts (one per conversation) and the loss of every optimizer step also has w_loops * mean(-log(1 - p_t))
+over the tokens of n-grams those replies repeat (a :class:`LoopReplies`; nothing when they repeat nothing).
+With ``loop_refresh`` 'epoch' the replies are written at the start of every epoch, to the batch's prompts:
+the first epoch's by :meth:`Trainer.prepare` while the batch fills (the backend calls it when idle, with
+the waiting samples), the later ones drafted from the previous epoch's (:meth:`Trainer.greedy_drafted`).
+With 'update' they are written once per update, from the weights the update starts from, to the *previous*
+batch's prompts (the first update after a start: its own), also by :meth:`Trainer.prepare`. Replies not
+written ahead are written by the update itself, one prompt at a time as ahead, so timing never changes
+what is learned.
 With ``serve_ema`` = m > 0 the exported (served) weights are an average of the trained ones: after every accepted
 update served <- m * served + (1 - m) * trained, from the initial weights (checkpointed); training, the guards,
 the teacher and rollouts all use the trained weights. A refused update leaves the average as it was.
@@ -520,11 +521,10 @@ class Trainer:
         the reply itself (a loop repeats exactly what the lookup proposes). The first draft may be
         the whole rest of a reference (checked in one forward of ~prefill cost, it is all the work
         when the weights still write that reply), and a draft taken whole doubles the next one's
-        length. The forward's argmax
-        keeps the drafted tokens up to the first disagreement and adds its own next token, so
-        every kept token is the model's greedy choice given the tokens before it; the KV cache
-        drops the rejected ones. ``self.draft_stats`` counts (forwards, tokens) of the last call.
-        One prompt at a time: rows would accept different numbers of tokens."""
+        length. The forward's argmax keeps the drafted tokens up to the first disagreement and adds
+        its own next token, so every kept token is the model's greedy choice given the tokens before
+        it; the KV cache drops the rejected ones. ``self.draft_stats`` counts (forwards, tokens) of
+        the last call. One prompt at a time: rows would accept different numbers of tokens."""
         refs = references or [[] for _ in prompts]
         out, forwards, tokens = [], 0, 0
         for prompt, ref in zip(prompts, refs):
