@@ -167,7 +167,7 @@ class LoopReplies:
 
     @property
     def active(self) -> bool:
-        return bool(self.pairs) and bool(self.mask.any())
+        return bool(self.mask.any())  # empty when no reply has a token
 
 
 @dataclass
@@ -516,8 +516,8 @@ class Trainer:
         up to ~16 tokens costs about 1.5-2 single steps (docs/trainer.md), so every drafted token
         the model agrees with is nearly free. The draft after each forward is the up to
         ``DRAFT_TOKENS`` tokens that followed the reply's last ``DRAFT_NGRAM`` tokens elsewhere:
-        in ``references[i]`` (earlier replies to prompt i, e.g. the reply served to the person or
-        the one the previous epoch wrote, aligned nearest the current position), else earlier in
+        in ``references[i]`` (earlier replies to prompt i, e.g. the one the previous epoch wrote,
+        aligned nearest the current position; a sampled reply drafts poorly, docs/replay.md Session 30), else earlier in
         the reply itself (a loop repeats exactly what the lookup proposes). The first draft may be
         the whole rest of a reference (checked in one forward of ~prefill cost, it is all the work
         when the weights still write that reply), and a draft taken whole doubles the next one's
